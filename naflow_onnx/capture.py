@@ -1,0 +1,61 @@
+"""Forward capture with onnxruntime: every intermediate tensor exposed as an output.
+
+The provider is chosen automatically (CUDA when onnxruntime-gpu and a GPU are present, else CPU);
+``provider`` overrides it.
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .errors import NAFlowError
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def choose_provider(requested: str | None = None) -> str:
+    available = ort.get_available_providers()
+    if requested and requested != "auto":
+        name = PROVIDERS.get(requested.lower(), requested)
+        if name not in available:
+            raise NAFlowError(f"onnxruntime provider '{requested}' is not available here "
+                              f"(available: {', '.join(available)})")
+        return name
+    return "CUDAExecutionProvider" if "CUDAExecutionProvider" in available else "CPUExecutionProvider"
+
+
+class Capture:
+    """An onnxruntime session that returns every node output by name."""
+
+    def __init__(self, model: onnx.ModelProto, provider: str | None = None, threads: int = 0):
+        exposed = copy.deepcopy(model)
+        present = {o.name for o in exposed.graph.output}
+        for node in exposed.graph.node:
+            for name in node.output:
+                if name and name not in present:
+                    exposed.graph.output.append(onnx.ValueInfoProto(name=name))
+                    present.add(name)
+        self.provider = choose_provider(provider)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(exposed.SerializeToString(), options,
+                                                providers=[self.provider])
+        except Exception as exc:
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise NAFlowError(f"onnxruntime cannot load the model: {msg}") from None
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        try:
+            outs = self.session.run(None, {self.input_name: x})
+        except Exception as exc:
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise NAFlowError(f"onnxruntime failed on this input: {msg}") from None
+        return dict(zip(self.output_names, outs))

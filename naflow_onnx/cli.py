@@ -1,0 +1,217 @@
+"""Command line: ``naflow analyze | export | models``.
+
+Exit codes: 0 success, 2 bad input or a model this tool cannot analyse (one line on stderr; the
+traceback only with --debug), 130 interrupted. Nothing half-written is left behind.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from .errors import NAFlowError
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",")]
+
+
+def _size(text: str):
+    parts = [int(v) for v in text.lower().replace("x", ",").split(",")]
+    return parts[0] if len(parts) == 1 else tuple(parts)
+
+
+def _damp(text: str) -> float:
+    return math.inf if text.lower() in ("inf", "infinity") else float(text)
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("preprocessing (default: the model's metadata, else imagenet)")
+    g.add_argument("--preprocess", choices=["imagenet", "caffe-bgr", "none"])
+    g.add_argument("--mean", type=_floats, help="per-channel mean, e.g. 0.485,0.456,0.406")
+    g.add_argument("--std", type=_floats, help="per-channel std")
+    g.add_argument("--size", type=_size, help="input size, e.g. 224 or 224x160 (H x W)")
+    g.add_argument("--layout", choices=["NCHW", "NHWC"])
+    p.add_argument("--labels", help="'imagenet', or a text file with one label per line")
+    p.add_argument("--output", help="model output holding the class scores (default: the first)")
+    p.add_argument("--provider", default="auto", help="onnxruntime provider: auto, cpu, cuda")
+    p.add_argument("--device", help="torch device for the rebuild (default: cuda if available)")
+    p.add_argument("--damp", type=_damp, default=None,
+                   help="damping t of the least-squares inverses (0 = exact pinv, inf = none)")
+    p.add_argument("--conv-inverse", choices=["lsq", "paper"], default="lsq")
+    p.add_argument("--tol", type=float, default=1e-4, help="solver normal-equation tolerance")
+    p.add_argument("--max-iter", type=int, default=2000)
+    p.add_argument("--parity-tol", type=float, default=1e-3)
+    p.add_argument("--max-model-bytes", type=int, default=None)
+
+
+def analyzer_from_args(args):
+    from .flow import DEFAULT_DAMP, Analyzer
+    from .graph import DEFAULT_MAX_BYTES
+    return Analyzer(args.model, preprocess=args.preprocess, mean=args.mean, std=args.std,
+                    size=args.size, layout=args.layout, provider=args.provider, device=args.device,
+                    damp=DEFAULT_DAMP if args.damp is None else args.damp,
+                    conv_inverse=args.conv_inverse, tol=args.tol, max_iter=args.max_iter,
+                    parity_tol=args.parity_tol, labels=args.labels, output=args.output,
+                    max_model_bytes=args.max_model_bytes or DEFAULT_MAX_BYTES)
+
+
+def _summary(flow, folder: Path) -> dict:
+    t = flow.target
+    return {"image": flow.input["path"], "out": str(folder), "target": t.get("index"),
+            "label": t.get("label"), "probability": t.get("probability"),
+            "layers": len(flow.layers), "final_layer": flow.final_layer,
+            "parity_max_relative_error": flow.parity["max_relative_error"],
+            "solver": flow.solver_summary(), "seconds": round(flow.timings["total_s"], 3)}
+
+
+def cmd_analyze(args) -> int:
+    from tqdm import tqdm
+
+    from .io import atomic_dir, write_flow_files
+    out = Path(args.out)
+    analyzer = analyzer_from_args(args)
+    summaries = []
+    quiet = args.json or args.quiet
+    with atomic_dir(out) as tmp:
+        for i, image in enumerate(tqdm(args.images, desc="images", disable=quiet or len(args.images) < 2)):
+            with tqdm(total=None, desc=f"segments ({Path(image).name})", disable=quiet,
+                      leave=False, unit="seg") as bar:
+                flow = analyzer.analyze(image, target=args.target, method=args.method,
+                                        compare=args.compare, layers=args.layers,
+                                        progress=bar.update)
+            folder = tmp if len(args.images) == 1 else tmp / f"{i:03d}_{Path(image).stem}"
+            folder.mkdir(exist_ok=True)
+            write_flow_files(flow, folder)
+            final = out if len(args.images) == 1 else out / folder.name
+            summaries.append(_summary(flow, final))
+    if args.json:
+        print(json.dumps(summaries if len(summaries) > 1 else summaries[0], indent=2))
+    else:
+        for s in summaries:
+            label = f" '{s['label']}'" if s["label"] else ""
+            print(f"{s['image']}: class {s['target']}{label} (p={s['probability']:.3f}); "
+                  f"{s['layers']} layers mapped; parity {s['parity_max_relative_error']:.2e}; "
+                  f"max solver residual {s['solver']['max_convergence']:.1e}; "
+                  f"{s['seconds']:.1f} s -> {s['out']}/flow.png")
+    return 0
+
+
+def cmd_export(args) -> int:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from exporters.torch_export import export, load_factory, load_weights
+    preprocess, labels, outputs, embedding, shape = args.preprocess, args.labels, None, None, None
+    if args.model:
+        from models.registry import MODELS, get_model
+        if args.model not in MODELS:
+            raise NAFlowError(f"unknown model '{args.model}' (see `naflow models`)")
+        model, spec = get_model(args.model, weights=args.weights, embedding=args.embedding)
+        preprocess = preprocess or spec.preprocess
+        labels = labels or spec.labels
+        outputs = list(spec.outputs)
+        shape = (1, 3, spec.input_size, spec.input_size)
+        if args.embedding:
+            outputs = ["logits", "embedding"] if spec.kind == "classifier" else outputs
+        if spec.kind == "embedding" or args.embedding:
+            embedding = "embedding"
+    elif args.factory:
+        model = load_factory(args.factory)()
+        if args.weights:
+            load_weights(model, args.weights)
+    else:
+        raise NAFlowError("give MODULE:FACTORY or --model NAME")
+    if args.input_shape:
+        shape = tuple(int(v) for v in args.input_shape.split(","))
+    shape = shape or (1, 3, 224, 224)
+    t0 = time.perf_counter()
+    report = export(model, args.o, shape, exporter=args.exporter, keep_batchnorm=args.keep_batchnorm,
+                    preprocess=preprocess, labels=labels, output_names=outputs,
+                    embedding_output=embedding, opset=args.opset)
+    report["seconds"] = round(time.perf_counter() - t0, 2)
+    print(json.dumps(report) if args.json else
+          f"wrote {report['path']} ({report['exporter']} exporter, opset {report['opset']}, "
+          f"{report['nodes']} nodes, parity {report['parity_relative_error']:.1e})")
+    return 0
+
+
+def cmd_models(args) -> int:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from models.registry import MODELS
+    rows = []
+    for name, spec in MODELS.items():
+        weights = spec.weights() if spec.weights else None
+        rows.append({"name": name, "kind": spec.kind, "input_size": spec.input_size,
+                     "preprocess": spec.preprocess if isinstance(spec.preprocess, str) else "custom",
+                     "weights": weights or "none offline (untrained)", "description": spec.description})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            print(f"{r['name']:<18} {r['kind']:<10} {r['input_size']:>4}  {r['preprocess']:<10} "
+                  f"{'real weights' if r['weights'] != 'none offline (untrained)' else 'untrained'}"
+                  f"  {r['description']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .methods import METHODS
+    p = argparse.ArgumentParser(prog="naflow", description="NAFlow attention flow for ONNX CNNs")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    a = sub.add_parser("analyze", help="attention map of every feature layer")
+    a.add_argument("model", help="the .onnx file")
+    a.add_argument("images", nargs="+", help="image file(s)")
+    a.add_argument("--out", required=True, help="output folder (replaced atomically)")
+    a.add_argument("--target", default=None, help="class index, label text, or top1 (default)")
+    a.add_argument("--method", default="naflow", choices=METHODS)
+    a.add_argument("--compare", choices=METHODS, help="second method, drawn as a second row")
+    a.add_argument("--layers", help="all (default), op:Conv,Relu, or a regex on tensor names")
+    a.add_argument("--json", action="store_true", help="print the summary as JSON")
+    a.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_model_options(a)
+    a.set_defaults(func=cmd_analyze)
+
+    e = sub.add_parser("export", help="export a torch model to ONNX for naflow")
+    e.add_argument("factory", nargs="?", help="MODULE:FACTORY returning an nn.Module")
+    e.add_argument("--model", help="a registry name (see `naflow models`)")
+    e.add_argument("--weights", help="state dict file (loaded with weights_only=True)")
+    e.add_argument("--input-shape", help="e.g. 1,3,224,224")
+    e.add_argument("-o", required=True, help="output .onnx path")
+    e.add_argument("--exporter", choices=["legacy", "dynamo"], default="legacy")
+    e.add_argument("--keep-batchnorm", action="store_true", help="do not fold BN into convs")
+    e.add_argument("--preprocess", help="preset written into metadata_props")
+    e.add_argument("--labels", help="'imagenet' or a JSON list, written into metadata_props")
+    e.add_argument("--embedding", action="store_true", help="also output the embedding")
+    e.add_argument("--opset", type=int, default=17)
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_export)
+
+    m = sub.add_parser("models", help="list the model registry")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_models)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("naflow: interrupted; no output written", file=sys.stderr)
+        return 130
+    except NAFlowError as exc:
+        if args.debug:
+            raise
+        print(f"naflow: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except MemoryError:
+        print("naflow: error: out of memory", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

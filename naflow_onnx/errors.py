@@ -1,0 +1,39 @@
+"""Errors a user can act on. Each carries one line saying what is wrong and where.
+
+The CLI prints ``str(error)`` and exits non-zero (no traceback unless ``--debug``); anything else
+that escapes is a bug in this project.
+"""
+
+
+class NAFlowError(Exception):
+    """Base class: bad input or a model this tool cannot analyse."""
+
+    exit_code = 2
+
+
+class ModelError(NAFlowError):
+    """The .onnx file is missing, not ONNX, truncated, invalid or too large."""
+
+
+class UnsupportedOpError(NAFlowError):
+    """An op (or an attribute of one) that has no torch rebuild or no inverse rule."""
+
+
+class ImageError(NAFlowError):
+    """An image that cannot be read or does not fit the model input."""
+
+
+class PreprocessError(NAFlowError):
+    """A preprocessing that does not fit the model's input."""
+
+
+class TargetError(NAFlowError):
+    """A target class that does not exist."""
+
+
+class ParityError(NAFlowError):
+    """The torch rebuild disagrees with onnxruntime beyond tolerance."""
+
+
+class OutputError(NAFlowError):
+    """The output folder cannot be written."""

@@ -1,0 +1,246 @@
+"""Orchestration of one analysis and the ``Flow`` result.
+
+``Analyzer`` holds what is computed once per model (validated graph, onnxruntime session, plan
+per input shape); ``Analyzer.analyze`` runs one image:
+capture (onnxruntime) -> rebuild forward (torch) + parity -> plan -> Lambda -> BPFM -> maps.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import labels as labels_mod
+from . import preprocess as pp_mod
+from .capture import Capture
+from .errors import NAFlowError
+from .forward import parity, run_graph
+from .graph import DEFAULT_MAX_BYTES, ModelGraph, Plan, load_model, plan
+from .importance import class_objective, importance, resolve_class, scores_of
+from .methods import METHODS, NEEDS_BPFM, layer_map, resize_map
+from .rules.backproject import backproject
+from .rules.solver import SolverOptions
+
+DEFAULT_DAMP = 0.1
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class Layer:
+    index: int
+    tensor: str
+    node: str
+    op_type: str
+    shape: list[int]
+    segment: int | None
+    final: bool
+    solver: dict | None = None
+
+    def as_dict(self) -> dict:
+        return dict(index=self.index, tensor=self.tensor, node=self.node, op_type=self.op_type,
+                    shape=self.shape, segment=self.segment, final=self.final, solver=self.solver)
+
+
+@dataclass
+class Flow:
+    """The attention flow of one image: a raw map per feature layer, in forward order."""
+
+    model: dict
+    input: dict
+    preprocess: dict
+    target: dict
+    method: str
+    layers: list[Layer]
+    maps: dict[str, np.ndarray]              # raw float32 H×W per tensor
+    image: np.ndarray                        # uint8 H×W×3 network-input view
+    parity: dict
+    timings: dict
+    options: dict
+    skipped: dict[str, str] = field(default_factory=dict)
+    compare: str | None = None
+    compare_maps: dict[str, np.ndarray] = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def final_layer(self) -> str:
+        return next(layer.tensor for layer in self.layers if layer.final)
+
+    def layer(self, name: str) -> Layer:
+        return next(layer for layer in self.layers if layer.tensor == name)
+
+    def resized(self, name: str, compare: bool = False) -> np.ndarray:
+        """The map of layer ``name`` at the image size, min-max normalised to [0, 1]."""
+        m = (self.compare_maps if compare else self.maps)[name]
+        return resize_map(m, self.image.shape[:2])
+
+    def solver_summary(self) -> dict:
+        recs = [layer.solver for layer in self.layers if layer.solver and layer.solver.get("kind") in
+                ("cgls", "closed-form", "paper")]
+        conv = [r["convergence"] for r in recs if r.get("convergence") is not None]
+        return {"solved": len(recs), "max_convergence": max(conv) if conv else 0.0,
+                "iterations": sum(r.get("iterations", 0) for r in recs),
+                "all_converged": all(r.get("converged", True) for r in recs)}
+
+    def to_json(self) -> dict:
+        return {
+            "schema": "naflow-onnx/flow", "schema_version": SCHEMA_VERSION,
+            "model": self.model, "input": self.input, "preprocess": self.preprocess,
+            "target": self.target, "method": self.method, "compare": self.compare,
+            "options": self.options, "parity": {k: v for k, v in self.parity.items() if k != "per_tensor"},
+            "timings": self.timings, "final_layer": self.final_layer,
+            "solver_summary": self.solver_summary(),
+            "layers": [layer.as_dict() for layer in self.layers],
+            "skipped": [{"tensor": t, "reason": r} for t, r in self.skipped.items()],
+            **self.extra,
+        }
+
+    def plot(self, max_columns: int = 12):
+        from .render import flow_figure
+        return flow_figure(self, max_columns=max_columns)
+
+    def save(self, directory) -> Path:
+        from .io import save_flow
+        return save_flow(self, directory)
+
+    def _repr_png_(self):
+        import io as _io
+        fig = self.plot()
+        buf = _io.BytesIO()
+        fig.savefig(buf, format="png", dpi=80)
+        import matplotlib.pyplot as plt
+        plt.close(fig)
+        return buf.getvalue()
+
+
+def _select_layers(features: list[str], mg: ModelGraph, spec: str | None) -> list[str]:
+    """--layers: ``all``, ``op:Conv,Relu`` (op types), or a regex on tensor/node names."""
+    if not spec or spec == "all":
+        return features
+    import re
+    if spec.startswith("op:"):
+        ops = {s.strip() for s in spec[3:].split(",")}
+        chosen = [t for t in features if mg.node_of(t).op_type in ops]
+    else:
+        try:
+            rx = re.compile(spec)
+        except re.error as exc:
+            raise NAFlowError(f"--layers '{spec}' is not a valid regex: {exc}") from None
+        chosen = [t for t in features if rx.search(t) or rx.search(mg.node_of(t).name)]
+    if not chosen:
+        raise NAFlowError(f"--layers '{spec}' matches none of the {len(features)} feature layers")
+    return chosen
+
+
+class Analyzer:
+    """A loaded model, ready to analyse images. Reuse it across images: graph analysis and the
+    onnxruntime session are built once."""
+
+    def __init__(self, model, *, preprocess: str | None = None, mean=None, std=None, size=None,
+                 layout=None, provider: str | None = None, device: str | None = None,
+                 damp: float = DEFAULT_DAMP, conv_inverse: str = "lsq", tol: float = 1e-4,
+                 max_iter: int = 2000, parity_tol: float = 1e-3, labels=None,
+                 output: str | None = None, max_model_bytes: int = DEFAULT_MAX_BYTES):
+        if conv_inverse not in ("lsq", "paper"):
+            raise NAFlowError(f"--conv-inverse must be 'lsq' or 'paper', not '{conv_inverse}'")
+        if damp < 0:
+            raise NAFlowError(f"--damp must be >= 0 (or inf), got {damp}")
+        self.graph: ModelGraph = load_model(model, max_model_bytes, output)
+        self.capture = Capture(self.graph.model, provider)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.preprocess = pp_mod.resolve(self.graph.input_shape, self.graph.metadata, preprocess,
+                                         mean=mean, std=std, size=size, layout=layout)
+        self.labels = labels_mod.load_labels(labels) if labels else labels_mod.from_metadata(
+            self.graph.metadata)
+        self.opts = SolverOptions(damp=float(damp), tol=tol, max_iter=max_iter,
+                                  conv_inverse=conv_inverse)
+        self.parity_tol = parity_tol
+        self._plans: dict[tuple, Plan] = {}
+
+    def plan_for(self, values) -> Plan:
+        key = tuple(values[self.graph.input_name].shape)
+        if key not in self._plans:
+            self._plans[key] = plan(self.graph, values)
+        return self._plans[key]
+
+    def forward(self, x: np.ndarray):
+        """Capture with onnxruntime, rebuild in torch with grad tracking, check parity."""
+        t0 = time.perf_counter()
+        captured = self.capture.run(x)
+        t1 = time.perf_counter()
+        values = run_graph(self.graph, torch.from_numpy(x), self.device, track=True)
+        par = parity(values, captured, self.parity_tol)
+        return values, par, {"capture_s": t1 - t0, "rebuild_s": time.perf_counter() - t1}
+
+    def analyze(self, image, target=None, method: str = "naflow", compare: str | None = None,
+                layers: str | None = None, objective=None, progress=None) -> Flow:
+        for m in filter(None, (method, compare)):
+            if m not in METHODS:
+                raise NAFlowError(f"unknown method '{m}' (choose from {', '.join(METHODS)})")
+        mg = self.graph
+        view, note = pp_mod.load_image(image, self.preprocess.size)
+        x = self.preprocess.to_input(view)
+        values, par, timings = self.forward(x)
+        pl = self.plan_for(values)
+        scores = scores_of(values, mg.score_name).detach()
+        t0 = time.perf_counter()
+        if objective is None:
+            index = resolve_class(target, scores, self.labels)
+            objective = class_objective(mg.score_name, index)
+            probs = torch.softmax(scores[0].double(), 0)
+            target_rec = {"kind": "class", "index": index,
+                          "label": self.labels[index] if self.labels and index < len(self.labels) else None,
+                          "score": float(scores[0, index]), "probability": float(probs[index]),
+                          "top5": [{"index": int(i), "score": float(scores[0, i]),
+                                    "label": self.labels[int(i)] if self.labels and int(i) < len(self.labels) else None}
+                                   for i in scores[0].argsort(descending=True)[:5]]}
+        else:
+            target_rec = objective.record()
+        lam = importance(values, objective, pl.data)
+        timings["importance_s"] = time.perf_counter() - t0
+        env = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in values.items()}
+        t0 = time.perf_counter()
+        bpfm, records = {}, {}
+        if method in NEEDS_BPFM or compare in NEEDS_BPFM:
+            bpfm, records = backproject(mg, pl, env, lam, self.opts, progress)
+        timings["bpfm_s"] = time.perf_counter() - t0
+        chosen = _select_layers(pl.features, mg, layers)
+
+        def maps_for(m):
+            return {t: layer_map(m, env[t], lam[t], bpfm.get(t))[0].float().cpu().numpy()
+                    for t in chosen}
+        maps = maps_for(method)
+        compare_maps = maps_for(compare) if compare else {}
+        out_layers = []
+        for i, t in enumerate(chosen):
+            node = mg.node_of(t)
+            out_layers.append(Layer(index=i, tensor=t, node=node.name, op_type=node.op_type,
+                                    shape=list(env[t].shape), segment=pl.segment_of.get(t),
+                                    final=t == pl.final, solver=records.get(t)))
+        if not any(layer.final for layer in out_layers):
+            out_layers[-1].final = True  # the selection left out the final tensor
+        timings["total_s"] = sum(timings.values())
+        return Flow(
+            model={"path": str(mg.path) if mg.path else None, "sha256": mg.sha256, "opset": mg.opset,
+                   "input": mg.input_name, "input_shape": list(x.shape), "output": mg.output_name,
+                   "score_tensor": mg.score_name, "feature_layers": len(pl.features),
+                   "segments": len(pl.segments), "final_tensor": pl.final},
+            input={"path": str(image) if isinstance(image, (str, Path)) else None, "note": note,
+                   "size": list(view.shape[:2])},
+            preprocess=self.preprocess.as_dict(), target=target_rec, method=method,
+            layers=out_layers, maps=maps, image=view, parity=par, timings=timings,
+            options={"damp": self.opts.damp, "conv_inverse": self.opts.conv_inverse,
+                     "tol": self.opts.tol, "max_iter": self.opts.max_iter,
+                     "provider": self.capture.provider, "device": str(self.device),
+                     "layers": layers or "all"},
+            skipped=dict(pl.skipped), compare=compare, compare_maps=compare_maps)
+
+
+def analyze(model, image, target=None, method: str = "naflow", **options) -> Flow:
+    """One-call API: ``naflow_onnx.analyze("model.onnx", "cat.jpg")`` -> ``Flow``."""
+    compare = options.pop("compare", None)
+    layers = options.pop("layers", None)
+    return Analyzer(model, **options).analyze(image, target=target, method=method,
+                                              compare=compare, layers=layers)

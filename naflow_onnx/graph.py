@@ -1,0 +1,342 @@
+"""What to compute: load an ONNX model, find its feature tensors, the final feature tensor, the
+target score, and split the data path into segments at articulation tensors (METHOD.md §0-§5).
+
+Two stages. ``load_model`` validates the file and rebuilds every node (fails early, naming every
+unsupported op). ``plan`` needs concrete shapes (from one forward pass) and decides where each
+inverse rule applies.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import networkx as nx
+import onnx
+import torch
+from onnx import numpy_helper
+
+from .errors import ModelError, UnsupportedOpError
+from .rebuild import RebuiltNode, node_name, rebuild_node, unsupported_nodes
+
+DEFAULT_MAX_BYTES = 2 * 1024**3
+# ops the target score is read through: the paper explains pre-softmax scores (METHOD.md §2)
+_PROBABILITY_OPS = {"Softmax", "LogSoftmax", "Sigmoid"}
+_PASS_THROUGH = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast", "Dropout"}
+# ops a gate may pass through between its Sigmoid and the Mul it scales
+_GATE_PATH = {"Expand", "Reshape", "Unsqueeze", "Squeeze", "Identity", "Flatten", "Cast", "Tile",
+              "Add", "Sub", "Mul", "Div"}
+_GATE_SOURCES = {"Sigmoid", "HardSigmoid"}
+_SPATIAL_OPS = {"Conv", "ConvTranspose"}
+
+
+@dataclass
+class ModelGraph:
+    """A validated ONNX model with every node rebuilt as a torch function."""
+
+    model: onnx.ModelProto
+    path: Path | None
+    sha256: str
+    opset: int
+    input_name: str
+    input_shape: list  # ints, None where dynamic
+    output_name: str
+    score_name: str
+    nodes: list[RebuiltNode]
+    producer: dict[str, int]
+    constants: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+    float_tensors: set[str]
+
+    def node_of(self, tensor: str) -> RebuiltNode | None:
+        i = self.producer.get(tensor)
+        return None if i is None else self.nodes[i]
+
+
+def _check_external_data(model: onnx.ModelProto, base: Path) -> None:
+    for init in model.graph.initializer:
+        if init.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in init.external_data}
+        loc = info.get("location", "")
+        target = (base / loc).resolve()
+        if os.path.isabs(loc) or base.resolve() not in target.parents:
+            raise ModelError(f"external data of initializer '{init.name}' points outside the "
+                             f"model's folder ('{loc}'): refused")
+        if not target.is_file():
+            raise ModelError(f"external data file '{loc}' of initializer '{init.name}' is missing")
+
+
+def read_model(source, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[onnx.ModelProto, Path | None, str]:
+    """Read and validate an ONNX file (or take a ModelProto). Returns (model, path, sha256)."""
+    if isinstance(source, onnx.ModelProto):
+        blob = source.SerializeToString()
+        return source, None, hashlib.sha256(blob).hexdigest()
+    path = Path(source)
+    if not path.exists():
+        raise ModelError(f"model file not found: {path}")
+    if not path.is_file():
+        raise ModelError(f"model path is not a file: {path}")
+    size = path.stat().st_size
+    if size == 0:
+        raise ModelError(f"{path}: empty file, not an ONNX model")
+    if size > max_bytes:
+        raise ModelError(f"{path}: {size} bytes exceeds the size limit of {max_bytes} bytes "
+                         "(raise it with --max-model-bytes)")
+    blob = path.read_bytes()
+    try:
+        model = onnx.load_model_from_string(blob)
+    except Exception as exc:  # protobuf DecodeError and friends
+        raise ModelError(f"{path}: not a valid ONNX file (truncated or not ONNX: "
+                         f"{type(exc).__name__})") from None
+    if not model.graph.node or not model.graph.input:
+        raise ModelError(f"{path}: not an ONNX model (no graph nodes or inputs)")
+    _check_external_data(model, path.parent)
+    try:
+        onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
+    except Exception as exc:
+        raise ModelError(f"{path}: external data could not be loaded: {exc}") from None
+    return model, path, hashlib.sha256(blob).hexdigest()
+
+
+def load_model(source, max_bytes: int = DEFAULT_MAX_BYTES, output: str | None = None) -> ModelGraph:
+    model, path, sha = read_model(source, max_bytes)
+    where = path or "model"
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{where}: fails onnx.checker: {first}") from None
+    try:
+        model = onnx.shape_inference.infer_shapes(model)
+    except Exception:
+        pass  # shapes come from the forward pass; inference only gives dtypes early
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    g = model.graph
+
+    bad = unsupported_nodes(list(g.node))
+    if bad:
+        listing = ", ".join(f"{op} (node '{name}')" for op, name in bad)
+        raise UnsupportedOpError(f"{where}: unsupported ops: {listing}")
+
+    init_names = {i.name for i in g.initializer}
+    inputs = [i for i in g.input if i.name not in init_names]
+    if len(inputs) != 1:
+        names = ", ".join(i.name for i in inputs)
+        raise ModelError(f"{where}: the model has {len(inputs)} inputs ({names}); "
+                         "exactly one image input is supported")
+    inp = inputs[0]
+    dims = inp.type.tensor_type.shape.dim
+    input_shape = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    if len(input_shape) != 4:
+        raise ModelError(f"{where}: input '{inp.name}' has rank {len(input_shape)}; "
+                         "an image input of rank 4 (NCHW or NHWC) is needed")
+
+    nodes = [rebuild_node(n, i, opset) for i, n in enumerate(g.node)]
+    producer: dict[str, int] = {}
+    dag = nx.DiGraph()
+    for n in nodes:
+        dag.add_node(n.index)
+        for t in n.outputs:
+            if t:
+                producer[t] = n.index
+    for n in nodes:
+        for t in n.inputs:
+            if t in producer:
+                dag.add_edge(producer[t], n.index)
+    if not nx.is_directed_acyclic_graph(dag):
+        cycle = nx.find_cycle(dag)
+        raise ModelError(f"{where}: the graph has a cycle through node '{nodes[cycle[0][0]].name}'")
+    order = list(nx.lexicographical_topological_sort(dag))
+    if order != sorted(order):
+        nodes = [nodes[i] for i in order]
+        for new, n in enumerate(nodes):
+            n.index = new
+        producer = {t: n.index for n in nodes for t in n.outputs if t}
+
+    outputs = [o.name for o in g.output]
+    output_name = output or outputs[0]
+    if output_name not in producer and output_name != inp.name:
+        raise ModelError(f"{where}: output '{output_name}' is not produced by any node")
+    score = _score_tensor(nodes, producer, output_name)
+
+    constants = {i.name: torch.from_numpy(numpy_helper.to_array(i).copy()) for i in g.initializer}
+    float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+                   onnx.TensorProto.BFLOAT16}
+    float_tensors = {v.name for v in list(g.value_info) + list(g.output) + list(g.input)
+                     if v.type.tensor_type.elem_type in float_types}
+    metadata = {p.key: p.value for p in model.metadata_props}
+    return ModelGraph(model=model, path=path, sha256=sha, opset=opset, input_name=inp.name,
+                      input_shape=input_shape, output_name=output_name, score_name=score,
+                      nodes=nodes, producer=producer, constants=constants, metadata=metadata,
+                      float_tensors=float_tensors)
+
+
+def _score_tensor(nodes: list[RebuiltNode], producer: dict[str, int], output: str) -> str:
+    """The pre-probability score: the input of a Softmax/LogSoftmax/Sigmoid under the output
+    (possibly beneath shape-only ops), else the output itself."""
+    probe = output
+    while probe in producer:
+        node = nodes[producer[probe]]
+        if node.op_type in _PROBABILITY_OPS:
+            return node.inputs[0]
+        if node.op_type not in _PASS_THROUGH:
+            break
+        probe = node.inputs[0]
+    return output
+
+
+@dataclass
+class Segment:
+    """A single-input single-output piece of the data path between two articulation tensors."""
+
+    id: int
+    input: str
+    output: str
+    nodes: list[int]  # node indices, forward order
+    joint: bool       # inverted jointly (several nodes, or one node using its input twice)
+
+
+@dataclass
+class Plan:
+    """Where each rule applies, for one input shape."""
+
+    data: set[str]                # float tensors on a path from the image to the score
+    edges: nx.DiGraph             # tensor DAG of the data path
+    features: list[str]           # feature tensors in forward order (mapped)
+    final: str
+    segments: list[Segment]
+    segment_of: dict[str, int]    # tensor -> segment id (its producing node's segment)
+    gates: dict[int, str]         # node index of a gated Mul -> its gate operand
+    skipped: dict[str, str] = field(default_factory=dict)  # 4-D tensors not mapped, and why
+
+    def data_inputs(self, node: RebuiltNode) -> list[str]:
+        gate = self.gates.get(node.index)
+        return [t for t in node.inputs if t in self.data and t != gate]
+
+
+def _gate_operand(mg: ModelGraph, node: RebuiltNode, data: set[str]) -> str | None:
+    """For a Mul of two data tensors, the operand that is a sigmoid gate (SE/CBAM/BAM), if any."""
+    if node.op_type != "Mul":
+        return None
+    operands = [t for t in node.inputs if t in data]
+    if len(operands) != 2:
+        return None
+    for t in operands:
+        probe = t
+        while probe in mg.producer:
+            p = mg.nodes[mg.producer[probe]]
+            if p.op_type in _GATE_SOURCES:
+                return t
+            if p.op_type not in _GATE_PATH:
+                break
+            ins = [i for i in p.inputs if i in data]
+            if len(ins) != 1:
+                break
+            probe = ins[0]
+    return None
+
+
+def plan(mg: ModelGraph, values: dict[str, torch.Tensor]) -> Plan:
+    """Decide feature tensors, final tensor and segments, given one forward pass's values."""
+    def is_float(t: str) -> bool:
+        v = values.get(t)
+        return v is not None and v.is_floating_point()
+
+    reach = {mg.input_name}
+    edges = nx.DiGraph()
+    for n in mg.nodes:
+        ins = [t for t in n.inputs if t in reach]
+        if not ins:
+            continue
+        for o in n.outputs:
+            if o and is_float(o):
+                reach.add(o)
+                for i in ins:
+                    edges.add_edge(i, o)
+    if mg.score_name not in reach:
+        raise ModelError(f"the score tensor '{mg.score_name}' does not depend on the input image")
+    data = nx.ancestors(edges, mg.score_name) | {mg.score_name}
+    edges = edges.subgraph(data).copy()
+
+    gates = {}
+    for n in mg.nodes:
+        g = _gate_operand(mg, n, data)
+        if g is not None:
+            gates[n.index] = g
+
+    conv_seen = {t for t in data if mg.node_of(t) is not None and mg.node_of(t).op_type in _SPATIAL_OPS}
+    after_conv = set(conv_seen)
+    for t in conv_seen:
+        after_conv |= nx.descendants(edges, t)
+
+    def spatial(t: str) -> bool:
+        v = values[t]
+        return v.dim() == 4 and v.shape[2] * v.shape[3] > 1
+
+    idom = nx.immediate_dominators(edges, mg.input_name)
+    chain = []
+    t = mg.score_name
+    while t != mg.input_name:
+        t = idom[t]
+        chain.append(t)
+    final = next((t for t in chain if t in after_conv and spatial(t)), None)
+    if final is None:
+        raise ModelError("no 4-D feature tensor (N×C×H×W after a convolution, H·W > 1) lies on "
+                         "every path from the image to the score: nothing to map")
+
+    upstream = nx.ancestors(edges, final) | {final}
+    sub = edges.subgraph(upstream)
+    # tensors that reach the final tensor only through a gate operand carry no BPFM
+    pruned = nx.DiGraph(sub)
+    for idx, gate in gates.items():
+        for o in mg.nodes[idx].outputs:
+            if pruned.has_edge(gate, o):
+                pruned.remove_edge(gate, o)
+    valued = (nx.ancestors(pruned, final) | {final}) if final in pruned else {final}
+
+    order = {t: i for i, t in enumerate(nx.lexicographical_topological_sort(
+        sub, key=lambda t: mg.producer.get(t, -1)))}
+    artic = [final] + [t for t in chain[chain.index(final) + 1:]]
+    artic = sorted(artic, key=order.get)
+
+    segments: list[Segment] = []
+    segment_of: dict[str, int] = {}
+    for a, b in zip(artic, artic[1:]):
+        inner = (nx.descendants(sub, a) & nx.ancestors(sub, b)) | {b}
+        nodes = sorted({mg.producer[t] for t in inner})
+        first = mg.nodes[nodes[0]]
+        ins = [t for t in first.inputs if t in data and t != gates.get(first.index)]
+        joint = len(nodes) > 1 or len(ins) != 1
+        seg = Segment(id=len(segments), input=a, output=b, nodes=nodes, joint=joint)
+        segments.append(seg)
+        for t in inner:
+            segment_of[t] = seg.id
+
+    features, skipped = [], {}
+    for t in sorted(upstream, key=order.get):
+        v = values[t]
+        if t == mg.input_name or v.dim() != 4:
+            continue
+        if t not in after_conv:
+            skipped[t] = "before the first convolution (preprocessing)"
+        elif not spatial(t):
+            skipped[t] = "spatial size 1×1"
+        elif t not in valued:
+            skipped[t] = "gate branch (attention gates get no BPFM, METHOD.md table)"
+        else:
+            features.append(t)
+    return Plan(data=data, edges=sub, features=features, final=final, segments=segments,
+                segment_of=segment_of, gates=gates, skipped=skipped)
+
+
+def metadata_json(mg: ModelGraph, key: str):
+    raw = mg.metadata.get(key)
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw

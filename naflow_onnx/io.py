@@ -1,0 +1,75 @@
+"""Result files (schema in README "Output contract") and atomic writes.
+
+A result folder is written under a temporary sibling name and renamed into place at the end, so
+an error or Ctrl-C never leaves a half-written folder behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .errors import OutputError
+
+
+@contextlib.contextmanager
+def atomic_dir(target):
+    """Yield a temporary folder; on success it replaces ``target`` in one rename."""
+    target = Path(target)
+    parent = target.parent if str(target.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
+    except OSError as exc:
+        raise OutputError(f"cannot write to output folder '{target}': {exc.strerror or exc}") from None
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=parent))
+        os.rename(target, old / "previous")
+    os.rename(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """An .npz that ``np.load`` reads, byte-identical for identical arrays (fixed zip times)."""
+    import zipfile
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for key, arr in arrays.items():
+            info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with zf.open(info, "w", force_zip64=True) as fh:
+                np.lib.format.write_array(fh, np.ascontiguousarray(arr, dtype=np.float32),
+                                          allow_pickle=False)
+
+
+def write_json(path: Path, data) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n")
+
+
+def write_flow_files(flow, folder: Path, dpi: int = 110) -> None:
+    """flow.json, maps.npz (and compare_maps.npz), flow.png into an existing folder."""
+    import matplotlib.pyplot as plt
+    write_json(folder / "flow.json", flow.to_json())
+    write_npz(folder / "maps.npz", flow.maps)
+    if flow.compare_maps:
+        write_npz(folder / "compare_maps.npz", flow.compare_maps)
+    fig = flow.plot()
+    fig.savefig(folder / "flow.png", dpi=dpi)
+    plt.close(fig)
+
+
+def save_flow(flow, directory) -> Path:
+    with atomic_dir(directory) as tmp:
+        write_flow_files(flow, tmp)
+    return Path(directory)

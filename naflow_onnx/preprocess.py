@@ -1,0 +1,186 @@
+"""Image loading and preprocessing: presets, explicit overrides, and the model's metadata_props.
+
+A preprocessing maps an image file to the network input: resize the shorter side to the input
+size and centre-crop, scale pixels (``x = (pixel / divisor - mean) / std`` per channel, in the
+model's channel order), and lay out as NCHW or NHWC. The cropped RGB view is what overlays use.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import ImageError, PreprocessError
+
+METADATA_KEY = "naflow.preprocess"
+
+PRESETS = {
+    "imagenet": dict(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], divisor=255.0,
+                     channel_order="RGB"),
+    "caffe-bgr": dict(mean=[104.0, 117.0, 123.0], std=[1.0, 1.0, 1.0], divisor=1.0,
+                      channel_order="BGR"),
+    "none": dict(mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0], divisor=255.0, channel_order="RGB"),
+}
+
+
+@dataclass
+class Preprocess:
+    name: str = "imagenet"
+    mean: list = field(default_factory=lambda: list(PRESETS["imagenet"]["mean"]))
+    std: list = field(default_factory=lambda: list(PRESETS["imagenet"]["std"]))
+    divisor: float = 255.0
+    channel_order: str = "RGB"
+    layout: str = "NCHW"
+    size: tuple | None = None     # (height, width)
+    channels: int = 3
+    source: str = "default"       # default | preset | metadata | options
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["size"] = list(self.size) if self.size else None
+        return d
+
+    def to_input(self, view: np.ndarray) -> np.ndarray:
+        """uint8 H×W×3 RGB view -> float32 network input with batch dim 1."""
+        x = view.astype(np.float32)
+        if self.channel_order == "BGR":
+            x = x[..., ::-1]
+        if self.channels == 1:
+            x = x.mean(axis=-1, keepdims=True)
+        channels = x.shape[-1]
+        mean = np.asarray(self.mean[:channels], np.float32)
+        std = np.asarray(self.std[:channels], np.float32)
+        x = (x / self.divisor - mean) / std
+        x = x[None]
+        if self.layout == "NCHW":
+            x = x.transpose(0, 3, 1, 2)
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _from_options(base: Preprocess, mean=None, std=None, size=None, layout=None,
+                  divisor=None, channel_order=None) -> Preprocess:
+    changes = {k: v for k, v in dict(mean=mean, std=std, layout=layout, divisor=divisor,
+                                     channel_order=channel_order).items() if v is not None}
+    if size is not None:
+        changes["size"] = (size, size) if isinstance(size, int) else tuple(size)
+    if changes:
+        changes["source"] = "options" if base.source == "default" else base.source + "+options"
+    return replace(base, **changes)
+
+
+def preset(name: str) -> Preprocess:
+    if name not in PRESETS:
+        raise PreprocessError(f"unknown preprocessing preset '{name}' "
+                              f"(choose from {', '.join(PRESETS)})")
+    return Preprocess(name=name, source="preset", **{k: (list(v) if isinstance(v, list) else v)
+                                                     for k, v in PRESETS[name].items()})
+
+
+def from_metadata(metadata: dict[str, str]) -> Preprocess | None:
+    raw = metadata.get(METADATA_KEY)
+    if not raw:
+        return None
+    try:
+        d = json.loads(raw)
+    except json.JSONDecodeError:
+        d = {"name": raw}
+    if isinstance(d, str):
+        d = {"name": d}
+    base = preset(d["name"]) if d.get("name") in PRESETS else Preprocess(name=d.get("name", "custom"))
+    size = d.get("size")
+    if isinstance(size, int):
+        size = (size, size)
+    return replace(base, mean=d.get("mean", base.mean), std=d.get("std", base.std),
+                   divisor=float(d.get("divisor", d.get("scale", base.divisor))),
+                   channel_order=d.get("channel_order", base.channel_order),
+                   layout=d.get("layout", base.layout), size=tuple(size) if size else None,
+                   source="metadata")
+
+
+def resolve(input_shape: list, metadata: dict[str, str], name: str | None = None,
+            **overrides) -> Preprocess:
+    """Choose the preprocessing: a preset or the model's metadata, then explicit overrides, then
+    layout and size read from the input shape. Raises when the result does not fit the input."""
+    base = preset(name) if name else (from_metadata(metadata) or Preprocess())
+    pp = _from_options(base, **overrides)
+    dims = list(input_shape)
+    if overrides.get("layout") is None and base.source != "metadata":
+        if dims[1] in (1, 3) and dims[3] not in (1, 3):
+            pp = replace(pp, layout="NCHW")
+        elif dims[3] in (1, 3) and dims[1] not in (1, 3):
+            pp = replace(pp, layout="NHWC")
+    h, w, c = (dims[2], dims[3], dims[1]) if pp.layout == "NCHW" else (dims[1], dims[2], dims[3])
+    if c not in (None, 1, 3):
+        raise PreprocessError(f"preprocessing layout {pp.layout} reads {c} channels from the model "
+                              f"input {dims}: images have 1 or 3 (use --layout)")
+    pp = replace(pp, channels=c or 3)
+    if h is not None and w is not None:
+        if pp.size is not None and tuple(pp.size) != (h, w):
+            raise PreprocessError(f"preprocessing size {pp.size[0]}x{pp.size[1]} does not fit the "
+                                  f"model input {dims} ({pp.layout}: {h}x{w})")
+        pp = replace(pp, size=(h, w))
+    elif pp.size is None:
+        raise PreprocessError(f"the model input {dims} has dynamic spatial dims: give --size")
+    if dims[0] not in (None, 1):
+        raise PreprocessError(f"the model input {dims} has a fixed batch of {dims[0]}; "
+                              "a dynamic batch or 1 is needed")
+    return pp
+
+
+def _to_rgb_uint8(img: Image.Image, where: str) -> tuple[np.ndarray, str | None]:
+    note = None
+    if img.width == 0 or img.height == 0:
+        raise ImageError(f"{where}: the image is empty (0 pixels)")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        a = np.clip(a / top * 255.0, 0, 255).astype(np.uint8)
+        note = f"converted from {img.mode} (high bit depth) to 8-bit"
+        img = Image.fromarray(a, mode="L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba)
+        note = "alpha channel composited on white"
+    if img.mode != "RGB":
+        note = note or f"converted from mode {img.mode} to RGB"
+        img = img.convert("RGB")
+    return np.asarray(img, dtype=np.uint8), note
+
+
+def load_image(source, size: tuple[int, int]) -> tuple[np.ndarray, str | None]:
+    """An image path, PIL image or H×W×3 uint8 array -> (uint8 view at ``size``, note).
+
+    The shorter side is resized to cover ``size``, then the centre is cropped.
+    """
+    if isinstance(source, np.ndarray):
+        if source.ndim == 2:
+            source = np.repeat(source[..., None], 3, axis=2)
+        if source.ndim != 3 or source.shape[2] not in (3, 4) or 0 in source.shape:
+            raise ImageError(f"an image array must be H×W×3, got shape {source.shape}")
+        img = Image.fromarray(np.asarray(source[..., :3], dtype=np.uint8))
+        where = "array"
+    elif isinstance(source, Image.Image):
+        img, where = source, "image"
+    else:
+        path = Path(source)
+        where = str(path)
+        if not path.is_file():
+            raise ImageError(f"image not found: {path}")
+        try:
+            img = Image.open(path)
+            img.load()
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+            raise ImageError(f"{path}: cannot read the image ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else 'corrupt'})") from None
+    view, note = _to_rgb_uint8(img, where)
+    h, w = size
+    img = Image.fromarray(view)
+    scale = max(h / img.height, w / img.width)
+    new = (max(w, round(img.width * scale)), max(h, round(img.height * scale)))
+    img = img.resize(new, Image.BILINEAR)
+    left, top = (img.width - w) // 2, (img.height - h) // 2
+    return np.asarray(img.crop((left, top, left + w, top + h)), dtype=np.uint8), note

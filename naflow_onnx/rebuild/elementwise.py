@@ -1,0 +1,119 @@
+"""Activations and element-wise arithmetic (numpy-style broadcasting, as ONNX)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import register, scalar
+
+
+def _binary(fn):
+    return lambda node, inputs: fn(inputs[0], inputs[1])
+
+
+for _op, _fn in {"Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Pow": torch.pow,
+                 "Equal": torch.eq, "Less": torch.lt, "Greater": torch.gt,
+                 "LessOrEqual": torch.le, "GreaterOrEqual": torch.ge,
+                 "And": torch.logical_and, "Or": torch.logical_or}.items():
+    register(_op)(_binary(_fn))
+
+
+@register("Div")
+def div(node, inputs):
+    a, b = inputs
+    if not a.is_floating_point() and not b.is_floating_point():
+        return torch.div(a, b, rounding_mode="trunc")
+    return a / b
+
+
+def _unary(fn):
+    return lambda node, inputs: fn(inputs[0])
+
+
+for _op, _fn in {"Relu": torch.relu, "Sigmoid": torch.sigmoid, "Tanh": torch.tanh,
+                 "Exp": torch.exp, "Log": torch.log, "Sqrt": torch.sqrt, "Neg": torch.neg,
+                 "Abs": torch.abs, "Reciprocal": torch.reciprocal, "Floor": torch.floor,
+                 "Ceil": torch.ceil, "Not": torch.logical_not, "Erf": torch.erf,
+                 "Softplus": F.softplus, "HardSwish": F.hardswish}.items():
+    register(_op)(_unary(_fn))
+
+
+@register("Identity", "Dropout")
+def identity(node, inputs):
+    out = [inputs[0]]
+    if len(node.outputs) > 1:  # Dropout's optional mask output
+        out.append(torch.ones_like(inputs[0], dtype=torch.bool))
+    return out
+
+
+@register("Clip")
+def clip(node, inputs):
+    x = inputs[0]
+    if node.opset < 11:
+        lo, hi = node.attr("min"), node.attr("max")
+    else:
+        lo = scalar(inputs[1]) if len(inputs) > 1 else None
+        hi = scalar(inputs[2]) if len(inputs) > 2 else None
+    return torch.clamp(x, lo, hi)
+
+
+@register("LeakyRelu")
+def leaky_relu(node, inputs):
+    return F.leaky_relu(inputs[0], float(node.attr("alpha", 0.01)))
+
+
+@register("Elu")
+def elu(node, inputs):
+    return F.elu(inputs[0], float(node.attr("alpha", 1.0)))
+
+
+@register("PRelu")
+def prelu(node, inputs):
+    x, slope = inputs
+    if slope.dim() == 1 and x.dim() > 2 and slope.numel() == x.shape[1]:
+        slope = slope.reshape([1, -1] + [1] * (x.dim() - 2))
+    return torch.where(x >= 0, x, x * slope)
+
+
+@register("HardSigmoid")
+def hard_sigmoid(node, inputs):
+    alpha, beta = float(node.attr("alpha", 0.2)), float(node.attr("beta", 0.5))
+    return torch.clamp(alpha * inputs[0] + beta, 0.0, 1.0)
+
+
+@register("Max", "Min", "Sum", "Mean")
+def variadic(node, inputs):
+    out = inputs[0]
+    for t in inputs[1:]:
+        if node.op_type == "Max":
+            out = torch.maximum(out, t)
+        elif node.op_type == "Min":
+            out = torch.minimum(out, t)
+        else:
+            out = out + t
+    return out / len(inputs) if node.op_type == "Mean" else out
+
+
+@register("Where")
+def where(node, inputs):
+    return torch.where(inputs[0].bool(), inputs[1], inputs[2])
+
+
+def _softmax_like(fn):
+    def run(node, inputs):
+        x = inputs[0]
+        if node.opset < 13:  # older opsets flatten to 2-D at `axis` (default 1)
+            axis = int(node.attr("axis", 1)) % x.dim()
+            flat = x.reshape(int(torch.tensor(x.shape[:axis]).prod()), -1)
+            return fn(flat, dim=1).reshape(x.shape)
+        return fn(x, dim=int(node.attr("axis", -1)))
+    return run
+
+
+register("Softmax")(_softmax_like(torch.softmax))
+register("LogSoftmax")(_softmax_like(torch.log_softmax))
+
+
+@register("LpNormalization")
+def lp_normalization(node, inputs):
+    return F.normalize(inputs[0], p=float(node.attr("p", 2)), dim=int(node.attr("axis", -1)))

@@ -1,0 +1,64 @@
+"""Pictures: the attention flow as a grid of overlays, one per layer in forward order."""
+from __future__ import annotations
+
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """uint8 image blended with a jet-coloured [0, 1] map of the same H×W."""
+    colours = plt.get_cmap("jet")(heat)[..., :3]
+    return np.clip((1 - alpha) * image / 255.0 + alpha * colours, 0, 1)
+
+
+def _title(flow) -> str:
+    t = flow.target
+    if t.get("kind") == "class":
+        what = f"class {t['index']}" + (f" '{t['label']}'" if t.get("label") else "")
+        what += f" (p={t['probability']:.2f})"
+    else:
+        what = t.get("description", t.get("kind", "target"))
+    model = flow.model.get("path") or "model"
+    return f"{flow.method} attention flow  ·  {model.split('/')[-1]}  ·  {what}"
+
+
+def flow_figure(flow, max_columns: int = 12, thumb: float = 1.25, caption: str | None = None):
+    """The flow strip: rows of overlays in forward order; with a comparison method, each row of
+    the first method is followed by the same layers under the second (as the paper's Fig. 4)."""
+    layers = flow.layers
+    n = len(layers)
+    cols = min(max_columns, n)
+    blocks = math.ceil(n / cols)
+    per_block = 2 if flow.compare else 1
+    rows = blocks * per_block
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * thumb, rows * (thumb + 0.35) + 0.6),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, layer in enumerate(layers):
+        block, col = divmod(i, cols)
+        for k in range(per_block):
+            ax = axes[block * per_block + k][col]
+            heat = flow.resized(layer.tensor, compare=bool(k))
+            ax.imshow(overlay(flow.image, heat))
+            h, w = layer.shape[2], layer.shape[3]
+            label = f"{i}: {layer.op_type} {h}×{w}"
+            if k == 1 or (per_block == 2 and col == 0):
+                label = f"[{flow.compare if k else flow.method}] " + label if col == 0 else label
+            ax.set_title(label, fontsize=6, color="red" if layer.final else "black")
+            if layer.final:
+                for side in ax.spines.values():
+                    side.set_visible(True)
+                    side.set_edgecolor("red")
+                    side.set_linewidth(2.5)
+                ax.axis("on")
+                ax.set_xticks([])
+                ax.set_yticks([])
+    fig.suptitle(caption or _title(flow), fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    return fig

@@ -1,0 +1,140 @@
+"""Element-wise ops: exact inverses (BN Eq. 11, ReLU Eq. 12, LeakyReLU/PReLU Eq. 13), frozen gates,
+arithmetic with a constant, and the shortcut Add/Sub of a residual segment."""
+from __future__ import annotations
+
+import torch
+
+from ..errors import UnsupportedOpError
+from . import InverseRule, RuleContext, rule
+from .solver import SolveRecord
+
+
+def _exact() -> SolveRecord:
+    return SolveRecord(kind="exact")
+
+
+def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """num / den, 0 where den == 0 (a zero scale or gate abandons the neuron)."""
+    den = den.expand_as(num) if den.shape != num.shape else den
+    return torch.where(den != 0, num / torch.where(den != 0, den, torch.ones_like(den)),
+                       torch.zeros_like(num))
+
+
+@rule
+class BatchNormRule(InverseRule):
+    op_types = ("BatchNormalization",)
+
+    def invert(self, ctx):
+        node, env = ctx.node, ctx.env
+        x = node.inputs[0]
+        scale, bias, mean, var = (env[t] for t in node.inputs[1:5])
+        eps = float(node.attr("epsilon", 1e-5))
+        shape = [1, -1] + [1] * (env[x].dim() - 2)
+        s = (scale / torch.sqrt(var + eps)).reshape(shape)
+        y = ctx.bpfm_out[ctx.output()]
+        x_hat = _safe_div(y - bias.reshape(shape), s) + mean.reshape(shape)
+        x_hat = torch.where(s.expand_as(x_hat) != 0, x_hat, torch.zeros_like(x_hat))
+        return {x: x_hat}, _exact()
+
+
+@rule
+class PassThroughRule(InverseRule):
+    """ReLU and Clip (ReLU6): x_hat = BPFM_out; inactive/saturated neurons have Lambda = 0."""
+    op_types = ("Relu", "Clip")
+
+    def invert(self, ctx):
+        return {ctx.node.inputs[0]: ctx.bpfm_out[ctx.output()]}, _exact()
+
+
+@rule
+class LeakyReluRule(InverseRule):
+    op_types = ("LeakyRelu", "PRelu", "Elu")
+
+    def invert(self, ctx):
+        node, y = ctx.node, ctx.bpfm_out[ctx.output()]
+        if node.op_type == "LeakyRelu":
+            slope = torch.tensor(float(node.attr("alpha", 0.01)), dtype=y.dtype, device=y.device)
+        elif node.op_type == "PRelu":
+            slope = ctx.env[node.inputs[1]]
+            if slope.dim() == 1 and y.dim() > 2 and slope.numel() == y.shape[1]:
+                slope = slope.reshape([1, -1] + [1] * (y.dim() - 2))
+        else:  # Elu: y = alpha (e^x - 1) for x < 0
+            alpha = float(node.attr("alpha", 1.0))
+            neg = torch.log1p(torch.clamp(y / alpha, min=-1 + 1e-7))
+            return {node.inputs[0]: torch.where(y >= 0, y, neg)}, _exact()
+        return {node.inputs[0]: torch.where(y >= 0, y, _safe_div(y, slope * torch.ones_like(y)))}, _exact()
+
+
+@rule
+class SquashRule(InverseRule):
+    """Sigmoid / Tanh / HardSigmoid on the data path: their exact inverse on the open range."""
+    op_types = ("Sigmoid", "Tanh", "HardSigmoid")
+
+    def invert(self, ctx):
+        node, y = ctx.node, ctx.bpfm_out[ctx.output()]
+        eps = 1e-6
+        if node.op_type == "Sigmoid":
+            x = torch.logit(y.clamp(eps, 1 - eps))
+        elif node.op_type == "Tanh":
+            x = torch.atanh(y.clamp(-1 + eps, 1 - eps))
+        else:
+            alpha, beta = float(node.attr("alpha", 0.2)), float(node.attr("beta", 0.5))
+            x = (y - beta) / alpha
+        return {node.inputs[0]: x}, _exact()
+
+
+@rule
+class HardSwishRule(InverseRule):
+    """HardSwish = x * hardsigmoid(x): the gate frozen at its forward value, x_hat = y / gate."""
+    op_types = ("HardSwish",)
+
+    def invert(self, ctx):
+        x = ctx.node.inputs[0]
+        gate = torch.clamp(ctx.env[x] / 6 + 0.5, 0, 1)
+        return {x: _safe_div(ctx.bpfm_out[ctx.output()], gate)}, _exact()
+
+
+@rule
+class ArithmeticRule(InverseRule):
+    """Add/Sub/Mul/Div. With one data operand (the other constant): exact inverse. Add/Sub of two
+    data operands (a residual join): the operand not in ``ctx.known`` is ``BPFM_out - known``
+    (METHOD.md §5). Mul with a gate operand: the gate is frozen, x_hat = BPFM_out / gate."""
+    op_types = ("Add", "Sub", "Mul", "Div")
+
+    def invert(self, ctx):
+        node, env = ctx.node, ctx.env
+        y = ctx.bpfm_out[ctx.output()]
+        a, b = node.inputs[0], node.inputs[1]
+        op = node.op_type
+        if ctx.gate is not None:
+            x = a if b == ctx.gate else b
+            return {x: _safe_div(y, env[ctx.gate])}, _exact()
+        if len(ctx.data_inputs) == 2:
+            if op not in ("Add", "Sub"):
+                raise UnsupportedOpError(f"{node.where()}: {op} of two data tensors (neither a "
+                                         "sigmoid gate) has no inverse rule")
+            if a in ctx.known:
+                other, val = b, (y - ctx.known[a]) if op == "Add" else (ctx.known[a] - y)
+            elif b in ctx.known:
+                other, val = a, (y - ctx.known[b]) if op == "Add" else (y + ctx.known[b])
+            else:
+                raise UnsupportedOpError(f"{node.where()}: neither operand of the join is known")
+            return {other: val}, _exact()
+        if len(ctx.data_inputs) == 1 and a == b:
+            raise UnsupportedOpError(f"{node.where()}: {op} of a tensor with itself has no inverse rule")
+        x = ctx.data_inputs[0]
+        c = env[b] if x == a else env[a]
+        if env[x].shape != y.shape:
+            raise UnsupportedOpError(f"{node.where()}: {op} broadcasts its data operand "
+                                     f"{tuple(env[x].shape)} to {tuple(y.shape)}: no inverse rule")
+        if op == "Add":
+            x_hat = y - c
+        elif op == "Sub":
+            x_hat = y + c if x == a else c - y
+        elif op == "Mul":
+            x_hat = _safe_div(y, c)
+        elif x == a:  # Div: y = x / c
+            x_hat = y * c
+        else:
+            raise UnsupportedOpError(f"{node.where()}: division by a data tensor has no inverse rule")
+        return {x: x_hat}, _exact()
