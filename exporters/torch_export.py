@@ -72,6 +72,9 @@ def _preprocess_metadata(preprocess, size) -> str | None:
         d = {"name": preprocess, **PRESETS[preprocess]}
     else:
         d = dict(preprocess)
+        if "scale" in d and "divisor" not in d:
+            scale = float(d.pop("scale"))
+            d["divisor"] = scale if scale > 1 else round(1.0 / scale, 6)
     d.setdefault("size", size)
     d.setdefault("layout", "NCHW")
     return json.dumps(d)

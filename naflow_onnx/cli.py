@@ -77,9 +77,11 @@ def cmd_analyze(args) -> int:
     summaries = []
     quiet = args.json or args.quiet
     with atomic_dir(out) as tmp:
-        for i, image in enumerate(tqdm(args.images, desc="images", disable=quiet or len(args.images) < 2)):
-            with tqdm(total=None, desc=f"segments ({Path(image).name})", disable=quiet,
-                      leave=False, unit="seg") as bar:
+        # progress bars draw on a terminal only (tqdm's disable=None), never into logs
+        for i, image in enumerate(tqdm(args.images, desc="images",
+                                       disable=True if quiet or len(args.images) < 2 else None)):
+            with tqdm(total=None, desc=f"segments ({Path(image).name})",
+                      disable=True if quiet else None, leave=False, unit="seg") as bar:
                 flow = analyzer.analyze(image, target=args.target, method=args.method,
                                         compare=args.compare, layers=args.layers,
                                         progress=bar.update)

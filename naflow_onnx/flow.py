@@ -63,6 +63,8 @@ class Flow:
     compare: str | None = None
     compare_maps: dict[str, np.ndarray] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
+    # with analyze(keep_tensors=True): {"A": ..., "Lambda": ..., "BPFM": ...} torch tensors by name
+    tensors: dict | None = field(default=None, repr=False)
 
     @property
     def final_layer(self) -> str:
@@ -175,7 +177,8 @@ class Analyzer:
         return values, par, {"capture_s": t1 - t0, "rebuild_s": time.perf_counter() - t1}
 
     def analyze(self, image, target=None, method: str = "naflow", compare: str | None = None,
-                layers: str | None = None, objective=None, progress=None) -> Flow:
+                layers: str | None = None, objective=None, progress=None,
+                keep_tensors: bool = False) -> Flow:
         for m in filter(None, (method, compare)):
             if m not in METHODS:
                 raise NAFlowError(f"unknown method '{m}' (choose from {', '.join(METHODS)})")
@@ -201,12 +204,12 @@ class Analyzer:
         lam = importance(values, objective, pl.data)
         timings["importance_s"] = time.perf_counter() - t0
         env = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in values.items()}
+        chosen = _select_layers(pl.features, mg, layers)
         t0 = time.perf_counter()
         bpfm, records = {}, {}
         if method in NEEDS_BPFM or compare in NEEDS_BPFM:
-            bpfm, records = backproject(mg, pl, env, lam, self.opts, progress)
+            bpfm, records = backproject(mg, pl, env, lam, self.opts, progress, set(chosen))
         timings["bpfm_s"] = time.perf_counter() - t0
-        chosen = _select_layers(pl.features, mg, layers)
 
         def maps_for(m):
             return {t: layer_map(m, env[t], lam[t], bpfm.get(t))[0].float().cpu().numpy()
@@ -235,7 +238,9 @@ class Analyzer:
                      "tol": self.opts.tol, "max_iter": self.opts.max_iter,
                      "provider": self.capture.provider, "device": str(self.device),
                      "layers": layers or "all"},
-            skipped=dict(pl.skipped), compare=compare, compare_maps=compare_maps)
+            skipped=dict(pl.skipped), compare=compare, compare_maps=compare_maps,
+            tensors={"A": {t: env[t] for t in pl.data}, "Lambda": lam, "BPFM": bpfm,
+                     "plan": pl} if keep_tensors else None)
 
 
 def analyze(model, image, target=None, method: str = "naflow", **options) -> Flow:

@@ -30,6 +30,11 @@ _GATE_PATH = {"Expand", "Reshape", "Unsqueeze", "Squeeze", "Identity", "Flatten"
               "Add", "Sub", "Mul", "Div"}
 _GATE_SOURCES = {"Sigmoid", "HardSigmoid"}
 _SPATIAL_OPS = {"Conv", "ConvTranspose"}
+# ops whose output keeps its data inputs' N×C×H×W meaning (a Reshape/Transpose/Gemm breaks it)
+_LAYOUT_KEEPING = {"BatchNormalization", "Relu", "Clip", "LeakyRelu", "PRelu", "Elu", "Sigmoid",
+                   "HardSigmoid", "HardSwish", "Tanh", "Softplus", "MaxPool", "AveragePool", "Add",
+                   "Sub", "Mul", "Div", "Concat", "Split", "Pad", "Resize", "Upsample", "Identity",
+                   "Dropout", "Cast", "Max", "Min", "Sum", "Mean"}
 
 
 @dataclass
@@ -267,10 +272,13 @@ def plan(mg: ModelGraph, values: dict[str, torch.Tensor]) -> Plan:
         if g is not None:
             gates[n.index] = g
 
-    conv_seen = {t for t in data if mg.node_of(t) is not None and mg.node_of(t).op_type in _SPATIAL_OPS}
-    after_conv = set(conv_seen)
-    for t in conv_seen:
-        after_conv |= nx.descendants(edges, t)
+    # feature-map tensors: produced by a convolution, or by layout-keeping ops from such tensors
+    after_conv: set[str] = set()
+    for n in mg.nodes:
+        ins = [t for t in n.inputs if t in data and t != gates.get(n.index)]
+        keeps = n.op_type in _LAYOUT_KEEPING and ins and all(t in after_conv for t in ins)
+        if n.op_type in _SPATIAL_OPS or keeps:
+            after_conv |= {o for o in n.outputs if o in data}
 
     def spatial(t: str) -> bool:
         v = values[t]
@@ -321,7 +329,7 @@ def plan(mg: ModelGraph, values: dict[str, torch.Tensor]) -> Plan:
         if t == mg.input_name or v.dim() != 4:
             continue
         if t not in after_conv:
-            skipped[t] = "before the first convolution (preprocessing)"
+            skipped[t] = "not a feature map (before the first convolution, or reshaped)"
         elif not spatial(t):
             skipped[t] = "spatial size 1×1"
         elif t not in valued:

