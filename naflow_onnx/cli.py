@@ -46,16 +46,22 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-iter", type=int, default=2000)
     p.add_argument("--parity-tol", type=float, default=1e-3)
     p.add_argument("--max-model-bytes", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch and onnxruntime (default: their own choice)")
 
 
 def analyzer_from_args(args):
     from .flow import DEFAULT_DAMP, Analyzer
     from .graph import DEFAULT_MAX_BYTES
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     return Analyzer(args.model, preprocess=args.preprocess, mean=args.mean, std=args.std,
                     size=args.size, layout=args.layout, provider=args.provider, device=args.device,
                     damp=DEFAULT_DAMP if args.damp is None else args.damp,
                     conv_inverse=args.conv_inverse, tol=args.tol, max_iter=args.max_iter,
                     parity_tol=args.parity_tol, labels=args.labels, output=args.output,
+                    embedding_output=getattr(args, "embedding_output", None),
                     max_model_bytes=args.max_model_bytes or DEFAULT_MAX_BYTES)
 
 
@@ -65,7 +71,52 @@ def _summary(flow, folder: Path) -> dict:
             "label": t.get("label"), "probability": t.get("probability"),
             "layers": len(flow.layers), "final_layer": flow.final_layer,
             "parity_max_relative_error": flow.parity["max_relative_error"],
-            "solver": flow.solver_summary(), "seconds": round(flow.timings["total_s"], 3)}
+            "solver": flow.solver_summary(), "seconds": round(flow.timings["total_s"], 3),
+            "similarity": ({k: t.get(k) for k in ("mode", "reference", "prediction", "cosine", "ranking")}
+                           if t.get("kind") == "similarity" else None)}
+
+
+SIMILARITY_OPTIONS = ("reference", "support", "gallery", "prototypes")
+
+
+def similarity_flows(analyzer, image, args, progress=None):
+    """Query and reference flows of a similarity decision (METHOD.md §6, paper Fig. 10-12)."""
+    from .errors import TargetError
+    from .similarity import image_files, load_prototypes, rank
+    mode = next(k for k in SIMILARITY_OPTIONS if getattr(args, k))
+    query = analyzer.embed(image)
+    ranking, ref_image, ref_vec = None, None, None
+    if mode == "reference":
+        ref_image = Path(args.reference)
+        ref_vec, chosen = analyzer.embed(ref_image), ref_image.name
+    else:
+        if mode == "prototypes":
+            candidates = load_prototypes(args.prototypes)
+            files = {}
+        else:
+            paths = image_files(getattr(args, mode))
+            key = (lambda p: p.stem) if mode == "support" else (lambda p: p.name)
+            files = {key(p): p for p in paths}
+            candidates = {k: analyzer.embed(p) for k, p in files.items()}
+        ranking = rank(query, candidates)
+        chosen = ranking[0]["name"]
+        if args.target not in (None, "top1"):
+            if args.target not in candidates:
+                raise TargetError(f"target '{args.target}' is not among the {mode} classes "
+                                  f"({', '.join(sorted(candidates)[:8])}...)")
+            chosen = args.target
+        ref_vec, ref_image = candidates[chosen], files.get(chosen)
+    details = {"mode": mode, "prediction": ranking[0]["name"] if ranking else chosen,
+               "reference": chosen, "ranking": ranking[: args.top_k] if ranking else None}
+    objective = analyzer.similarity_objective(ref_vec, description=str(chosen), **details)
+    flow = analyzer.analyze(image, method=args.method, compare=args.compare, layers=args.layers,
+                            objective=objective, progress=progress)
+    partner = None
+    if ref_image is not None:
+        back = analyzer.similarity_objective(query, description=f"query {Path(image).name}",
+                                             mode=mode, side="reference")
+        partner = analyzer.analyze(ref_image, method=args.method, layers=args.layers, objective=back)
+    return flow, partner
 
 
 def cmd_analyze(args) -> int:
@@ -82,18 +133,28 @@ def cmd_analyze(args) -> int:
                                        disable=True if quiet or len(args.images) < 2 else None)):
             with tqdm(total=None, desc=f"segments ({Path(image).name})",
                       disable=True if quiet else None, leave=False, unit="seg") as bar:
-                flow = analyzer.analyze(image, target=args.target, method=args.method,
-                                        compare=args.compare, layers=args.layers,
-                                        progress=bar.update)
+                partner = None
+                if any(getattr(args, k) for k in SIMILARITY_OPTIONS):
+                    flow, partner = similarity_flows(analyzer, image, args, bar.update)
+                else:
+                    flow = analyzer.analyze(image, target=args.target, method=args.method,
+                                            compare=args.compare, layers=args.layers,
+                                            progress=bar.update)
             folder = tmp if len(args.images) == 1 else tmp / f"{i:03d}_{Path(image).stem}"
             folder.mkdir(exist_ok=True)
-            write_flow_files(flow, folder)
+            write_flow_files(flow, folder, partner=partner)
             final = out if len(args.images) == 1 else out / folder.name
             summaries.append(_summary(flow, final))
     if args.json:
         print(json.dumps(summaries if len(summaries) > 1 else summaries[0], indent=2))
     else:
         for s in summaries:
+            if s.get("similarity"):
+                sim = s["similarity"]
+                print(f"{s['image']}: {sim['mode']} -> '{sim['reference']}' (cosine "
+                      f"{sim['cosine']:.3f}); {s['layers']} layers mapped; "
+                      f"{s['seconds']:.1f} s -> {s['out']}/flow.png")
+                continue
             label = f" '{s['label']}'" if s["label"] else ""
             print(f"{s['image']}: class {s['target']}{label} (p={s['probability']:.3f}); "
                   f"{s['layers']} layers mapped; parity {s['parity_max_relative_error']:.2e}; "
@@ -172,6 +233,16 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--method", default="naflow", choices=METHODS)
     a.add_argument("--compare", choices=METHODS, help="second method, drawn as a second row")
     a.add_argument("--layers", help="all (default), op:Conv,Relu, or a regex on tensor names")
+    sim = a.add_argument_group("similarity targets (embedding models, METHOD.md §6)")
+    sim_x = sim.add_mutually_exclusive_group()
+    sim_x.add_argument("--reference", help="explain the similarity to this reference image")
+    sim_x.add_argument("--support", help="N-way 1-shot: folder of one image per class (file name = "
+                       "class); predict by cosine and explain it (or --target CLASS)")
+    sim_x.add_argument("--gallery", help="retrieval: folder of images; explain the top-1 match")
+    sim_x.add_argument("--prototypes", help=".npz of class prototypes / memory-bank means")
+    sim.add_argument("--embedding-output", help="the output holding the embedding "
+                     "(default: metadata naflow.embedding_output)")
+    sim.add_argument("--top-k", type=int, default=5, help="ranking length written to flow.json")
     a.add_argument("--json", action="store_true", help="print the summary as JSON")
     a.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_model_options(a)

@@ -18,8 +18,9 @@ from . import preprocess as pp_mod
 from .capture import Capture
 from .errors import NAFlowError
 from .forward import parity, run_graph
-from .graph import DEFAULT_MAX_BYTES, ModelGraph, Plan, load_model, plan
+from .graph import DEFAULT_MAX_BYTES, ModelGraph, Plan, embedding_tensor, load_model, plan
 from .importance import class_objective, importance, resolve_class, scores_of
+from .similarity import SimilarityObjective
 from .methods import METHODS, NEEDS_BPFM, layer_map, resize_map
 from .rules.backproject import backproject
 from .rules.solver import SolverOptions
@@ -99,9 +100,10 @@ class Flow:
             **self.extra,
         }
 
-    def plot(self, max_columns: int = 12):
+    def plot(self, max_columns: int = 12, partner: "Flow | None" = None):
+        """The flow strip; ``partner`` (the reference side of a similarity pair) adds its rows."""
         from .render import flow_figure
-        return flow_figure(self, max_columns=max_columns)
+        return flow_figure(self, max_columns=max_columns, partner=partner)
 
     def save(self, directory) -> Path:
         from .io import save_flow
@@ -144,7 +146,8 @@ class Analyzer:
                  layout=None, provider: str | None = None, device: str | None = None,
                  damp: float = DEFAULT_DAMP, conv_inverse: str = "lsq", tol: float = 1e-4,
                  max_iter: int = 2000, parity_tol: float = 1e-3, labels=None,
-                 output: str | None = None, max_model_bytes: int = DEFAULT_MAX_BYTES):
+                 output: str | None = None, embedding_output: str | None = None,
+                 max_model_bytes: int = DEFAULT_MAX_BYTES):
         if conv_inverse not in ("lsq", "paper"):
             raise NAFlowError(f"--conv-inverse must be 'lsq' or 'paper', not '{conv_inverse}'")
         if damp < 0:
@@ -160,12 +163,36 @@ class Analyzer:
                                   conv_inverse=conv_inverse)
         self.parity_tol = parity_tol
         self._plans: dict[tuple, Plan] = {}
+        emb = embedding_output or self.graph.metadata.get("naflow.embedding_output")
+        if emb is not None and emb not in self.graph.producer:
+            raise NAFlowError(f"embedding output '{emb}' is not a tensor of this model")
+        # the embedding before any L2 normalisation (METHOD.md §6)
+        self.embedding_name = embedding_tensor(self.graph, emb) if emb else None
 
-    def plan_for(self, values) -> Plan:
-        key = tuple(values[self.graph.input_name].shape)
+    def plan_for(self, values, score: str | None = None) -> Plan:
+        key = (tuple(values[self.graph.input_name].shape), score)
         if key not in self._plans:
-            self._plans[key] = plan(self.graph, values)
+            self._plans[key] = plan(self.graph, values, score)
         return self._plans[key]
+
+    def _need_embedding(self) -> str:
+        if self.embedding_name is None:
+            raise NAFlowError("this model declares no embedding output: give --embedding-output "
+                              "NAME (a model output or tensor holding the embedding)")
+        return self.embedding_name
+
+    def embed(self, image) -> np.ndarray:
+        """The embedding of an image (onnxruntime only), before L2 normalisation."""
+        name = self._need_embedding()
+        view, _ = pp_mod.load_image(image, self.preprocess.size)
+        captured = self.capture.run(self.preprocess.to_input(view))
+        return np.asarray(captured[name], np.float64).reshape(-1)
+
+    def similarity_objective(self, against, description: str = "reference", **details):
+        """A similarity target against a reference: an embedding vector or an image."""
+        name = self._need_embedding()
+        vec = against if isinstance(against, np.ndarray) and against.ndim == 1 else self.embed(against)
+        return SimilarityObjective(name, np.asarray(vec, np.float64), description, details)
 
     def forward(self, x: np.ndarray):
         """Capture with onnxruntime, rebuild in torch with grad tracking, check parity."""
@@ -186,9 +213,10 @@ class Analyzer:
         view, note = pp_mod.load_image(image, self.preprocess.size)
         x = self.preprocess.to_input(view)
         values, par, timings = self.forward(x)
-        pl = self.plan_for(values)
+        pl = self.plan_for(values, getattr(objective, "score_name", None))
         scores = scores_of(values, mg.score_name).detach()
         t0 = time.perf_counter()
+        target_rec = None
         if objective is None:
             index = resolve_class(target, scores, self.labels)
             objective = class_objective(mg.score_name, index)
@@ -199,9 +227,9 @@ class Analyzer:
                           "top5": [{"index": int(i), "score": float(scores[0, i]),
                                     "label": self.labels[int(i)] if self.labels and int(i) < len(self.labels) else None}
                                    for i in scores[0].argsort(descending=True)[:5]]}
-        else:
-            target_rec = objective.record()
         lam = importance(values, objective, pl.data)
+        if objective is not None and target_rec is None:
+            target_rec = objective.record()
         timings["importance_s"] = time.perf_counter() - t0
         env = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in values.items()}
         chosen = _select_layers(pl.features, mg, layers)
@@ -228,7 +256,7 @@ class Analyzer:
         return Flow(
             model={"path": str(mg.path) if mg.path else None, "sha256": mg.sha256, "opset": mg.opset,
                    "input": mg.input_name, "input_shape": list(x.shape), "output": mg.output_name,
-                   "score_tensor": mg.score_name, "feature_layers": len(pl.features),
+                   "score_tensor": getattr(objective, "score_name", mg.score_name), "feature_layers": len(pl.features),
                    "segments": len(pl.segments), "final_tensor": pl.final},
             input={"path": str(image) if isinstance(image, (str, Path)) else None, "note": note,
                    "size": list(view.shape[:2])},

@@ -193,6 +193,35 @@ def _score_tensor(nodes: list[RebuiltNode], producer: dict[str, int], output: st
     return output
 
 
+def embedding_tensor(mg: "ModelGraph", output: str) -> str:
+    """The embedding before any L2 normalisation (METHOD.md §6): walks back from ``output``
+    through shape-only ops, LpNormalization, and a Div of a tensor by a function of itself."""
+    probe = output
+    while probe in mg.producer:
+        node = mg.nodes[mg.producer[probe]]
+        if node.op_type in _PASS_THROUGH or node.op_type == "LpNormalization":
+            probe = node.inputs[0]
+            continue
+        if node.op_type == "Div" and _depends_on(mg, node.inputs[1], node.inputs[0]):
+            probe = node.inputs[0]
+            continue
+        break
+    return probe
+
+
+def _depends_on(mg: "ModelGraph", tensor: str, source: str) -> bool:
+    stack, seen = [tensor], set()
+    while stack:
+        t = stack.pop()
+        if t == source:
+            return True
+        if t in seen or t not in mg.producer:
+            continue
+        seen.add(t)
+        stack.extend(i for i in mg.nodes[mg.producer[t]].inputs if i)
+    return False
+
+
 @dataclass
 class Segment:
     """A single-input single-output piece of the data path between two articulation tensors."""
@@ -244,8 +273,10 @@ def _gate_operand(mg: ModelGraph, node: RebuiltNode, data: set[str]) -> str | No
     return None
 
 
-def plan(mg: ModelGraph, values: dict[str, torch.Tensor]) -> Plan:
-    """Decide feature tensors, final tensor and segments, given one forward pass's values."""
+def plan(mg: ModelGraph, values: dict[str, torch.Tensor], score: str | None = None) -> Plan:
+    """Decide feature tensors, final tensor and segments, given one forward pass's values.
+    ``score`` is the tensor the target is read from (default: the class score tensor)."""
+    score = score or mg.score_name
     def is_float(t: str) -> bool:
         v = values.get(t)
         return v is not None and v.is_floating_point()
@@ -261,9 +292,9 @@ def plan(mg: ModelGraph, values: dict[str, torch.Tensor]) -> Plan:
                 reach.add(o)
                 for i in ins:
                     edges.add_edge(i, o)
-    if mg.score_name not in reach:
-        raise ModelError(f"the score tensor '{mg.score_name}' does not depend on the input image")
-    data = nx.ancestors(edges, mg.score_name) | {mg.score_name}
+    if score not in reach:
+        raise ModelError(f"the score tensor '{score}' does not depend on the input image")
+    data = nx.ancestors(edges, score) | {score}
     edges = edges.subgraph(data).copy()
 
     gates = {}
@@ -286,7 +317,7 @@ def plan(mg: ModelGraph, values: dict[str, torch.Tensor]) -> Plan:
 
     idom = nx.immediate_dominators(edges, mg.input_name)
     chain = []
-    t = mg.score_name
+    t = score
     while t != mg.input_name:
         t = idom[t]
         chain.append(t)

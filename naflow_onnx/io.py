@@ -57,14 +57,19 @@ def write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
-def write_flow_files(flow, folder: Path, dpi: int = 110) -> None:
-    """flow.json, maps.npz (and compare_maps.npz), flow.png into an existing folder."""
+def write_flow_files(flow, folder: Path, dpi: int = 110, partner=None) -> None:
+    """flow.json, maps.npz (and compare_maps.npz), flow.png into an existing folder. With a
+    ``partner`` (the reference side of a similarity pair) its files go to ``folder/reference/``
+    and flow.png shows both sides."""
     import matplotlib.pyplot as plt
+    if partner is not None:
+        (folder / "reference").mkdir(exist_ok=True)
+        write_flow_files(partner, folder / "reference", dpi)
     write_json(folder / "flow.json", flow.to_json())
     write_npz(folder / "maps.npz", flow.maps)
     if flow.compare_maps:
         write_npz(folder / "compare_maps.npz", flow.compare_maps)
-    fig = flow.plot()
+    fig = flow.plot(partner=partner)
     fig.savefig(folder / "flow.png", dpi=dpi)
     plt.close(fig)
 

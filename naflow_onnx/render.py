@@ -22,19 +22,29 @@ def _title(flow) -> str:
         what = f"class {t['index']}" + (f" '{t['label']}'" if t.get("label") else "")
         what += f" (p={t['probability']:.2f})"
     else:
-        what = t.get("description", t.get("kind", "target"))
+        what = f"similarity to {t.get('description', 'reference')}"
+        if t.get("cosine") is not None:
+            what += f" (cosine {t['cosine']:.3f})"
     model = flow.model.get("path") or "model"
     return f"{flow.method} attention flow  ·  {model.split('/')[-1]}  ·  {what}"
 
 
-def flow_figure(flow, max_columns: int = 12, thumb: float = 1.25, caption: str | None = None):
-    """The flow strip: rows of overlays in forward order; with a comparison method, each row of
-    the first method is followed by the same layers under the second (as the paper's Fig. 4)."""
+def flow_figure(flow, max_columns: int = 12, thumb: float = 1.25, caption: str | None = None,
+                partner=None):
+    """The flow strip: rows of overlays in forward order. With a comparison method, each row of
+    the first method is followed by the same layers under the second (as the paper's Fig. 4);
+    with a ``partner`` flow (the reference of a similarity pair), by the partner's row (Fig. 10-12)."""
     layers = flow.layers
+    sources = [(flow.method, flow, False)]
+    if flow.compare:
+        sources.append((flow.compare, flow, True))
+    if partner is not None:
+        sources[0] = ("query", flow, False)
+        sources.append(("reference", partner, False))
     n = len(layers)
     cols = min(max_columns, n)
     blocks = math.ceil(n / cols)
-    per_block = 2 if flow.compare else 1
+    per_block = len(sources)
     rows = blocks * per_block
     fig, axes = plt.subplots(rows, cols, figsize=(cols * thumb, rows * (thumb + 0.35) + 0.6),
                              squeeze=False)
@@ -42,23 +52,21 @@ def flow_figure(flow, max_columns: int = 12, thumb: float = 1.25, caption: str |
         ax.axis("off")
     for i, layer in enumerate(layers):
         block, col = divmod(i, cols)
-        for k in range(per_block):
+        for k, (name, src, use_compare) in enumerate(sources):
             ax = axes[block * per_block + k][col]
-            heat = flow.resized(layer.tensor, compare=bool(k))
-            ax.imshow(overlay(flow.image, heat))
+            ax.imshow(overlay(src.image, src.resized(layer.tensor, compare=use_compare)))
             h, w = layer.shape[2], layer.shape[3]
             label = f"{i}: {layer.op_type} {h}×{w}"
-            if k == 1 or (per_block == 2 and col == 0):
-                label = f"[{flow.compare if k else flow.method}] " + label if col == 0 else label
+            if per_block > 1 and col == 0:
+                label = f"[{name}] {label}"
             ax.set_title(label, fontsize=6, color="red" if layer.final else "black")
             if layer.final:
-                for side in ax.spines.values():
-                    side.set_visible(True)
-                    side.set_edgecolor("red")
-                    side.set_linewidth(2.5)
                 ax.axis("on")
                 ax.set_xticks([])
                 ax.set_yticks([])
+                for side in ax.spines.values():
+                    side.set_edgecolor("red")
+                    side.set_linewidth(2.5)
     fig.suptitle(caption or _title(flow), fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     return fig

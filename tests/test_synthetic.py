@@ -130,8 +130,9 @@ def test_train_smoke_and_atomic_export(tmp_path):
     from naflow_onnx.evaluate import train
 
     out = tmp_path / "m" / "synth_conv4.onnx"
-    s = train.train("conv4", out, n_train=32, n_test=16, epochs=1, batch_size=16, lr=1e-3, weight_decay=0.0,
-                    seed=0, train_seed=1, test_seed=2, threads=1, log=lambda m: None)
+    s = train.train("conv4", out, n_train=16, n_test=8, epochs=1, batch_size=8, lr=1e-3, weight_decay=0.0,
+                    seed=0, train_seed=1, test_seed=2, threads=1, log=lambda m: None,
+                    deterministic=False)
     assert out.exists() and s["onnx_bytes"] == out.stat().st_size
-    assert 0.0 <= s["test_acc"] <= 1.0 and s["onnx_test_acc"] == pytest.approx(s["test_acc"], abs=1 / 16 + 1e-9)
+    assert 0.0 <= s["test_acc"] <= 1.0 and s["onnx_test_acc"] == pytest.approx(s["test_acc"], abs=1 / 8 + 1e-9)
     assert not list(out.parent.glob("*.tmp"))
