@@ -14,6 +14,14 @@ import onnxruntime as ort
 from .errors import NAFlowError
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+ort.set_default_logger_severity(4)  # errors reach the user once, as our own one-line message
+
+
+def _first_line(exc: Exception) -> str:
+    """onnxruntime's message without its source-file prefix, on one line."""
+    import re
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return re.sub(r"/onnxruntime_src/\S+:\d+ ", "", text)[:400]
 
 
 def choose_provider(requested: str | None = None) -> str:
@@ -40,15 +48,14 @@ class Capture:
                     present.add(name)
         self.provider = choose_provider(provider)
         options = ort.SessionOptions()
-        options.log_severity_level = 3
+        options.log_severity_level = 4
         if threads:
             options.intra_op_num_threads = threads
         try:
             self.session = ort.InferenceSession(exposed.SerializeToString(), options,
                                                 providers=[self.provider])
         except Exception as exc:
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise NAFlowError(f"onnxruntime cannot load the model: {msg}") from None
+            raise NAFlowError(f"onnxruntime cannot load the model: {_first_line(exc)}") from None
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
 
@@ -56,6 +63,5 @@ class Capture:
         try:
             outs = self.session.run(None, {self.input_name: x})
         except Exception as exc:
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise NAFlowError(f"onnxruntime failed on this input: {msg}") from None
+            raise NAFlowError(f"onnxruntime failed on this input: {_first_line(exc)}") from None
         return dict(zip(self.output_names, outs))

@@ -155,6 +155,10 @@ class Analyzer:
         self.graph: ModelGraph = load_model(model, max_model_bytes, output)
         self.capture = Capture(self.graph.model, provider)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cuda":
+            # TF32 convolutions/matmuls (~1e-3 relative) would break parity with onnxruntime
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
         self.preprocess = pp_mod.resolve(self.graph.input_shape, self.graph.metadata, preprocess,
                                          mean=mean, std=std, size=size, layout=layout)
         self.labels = labels_mod.load_labels(labels) if labels else labels_mod.from_metadata(

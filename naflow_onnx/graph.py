@@ -19,7 +19,7 @@ import torch
 from onnx import numpy_helper
 
 from .errors import ModelError, UnsupportedOpError
-from .rebuild import RebuiltNode, node_name, rebuild_node, unsupported_nodes
+from .rebuild import RebuiltNode, rebuild_node, unsupported_nodes
 
 DEFAULT_MAX_BYTES = 2 * 1024**3
 # ops the target score is read through: the paper explains pre-softmax scores (METHOD.md §2)
@@ -140,6 +140,10 @@ def load_model(source, max_bytes: int = DEFAULT_MAX_BYTES, output: str | None = 
                          "an image input of rank 4 (NCHW or NHWC) is needed")
 
     nodes = [rebuild_node(n, i, opset) for i, n in enumerate(g.node)]
+    for n in nodes:
+        pad = n.attrs.get("auto_pad")
+        if pad is not None and pad not in ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID"):
+            raise UnsupportedOpError(f"{where}: unsupported attribute auto_pad='{pad}' at {n.where()}")
     producer: dict[str, int] = {}
     dag = nx.DiGraph()
     for n in nodes:

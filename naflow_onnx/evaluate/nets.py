@@ -3,7 +3,7 @@
 All take ``[N, 3, 96, 96]`` float input (see train.PREPROCESS) and return ``[N, 4]`` logits.
 
 * ``plain``    conv-BN-ReLU-MaxPool x 4, conv-BN-ReLU, global average pool, linear.
-* ``residual`` stem (stride-2 conv-BN-ReLU), an identity-shortcut basic block, then three stride-2 basic blocks with
+* ``residual`` stem (conv-BN-ReLU-MaxPool), an identity-shortcut basic block, then three stride-2 basic blocks with
                a stride-2 1x1 conv + BN projection shortcut (ResNet "option B"), GAP, linear.
 * ``gated``    the same residual layout with a CBAM-like attention module on each block's
                residual branch before the add: channel gate ``x * sigmoid(mlp(avgpool(x)))``
@@ -87,9 +87,9 @@ class BasicBlock(nn.Module):
 
 
 class Residual(nn.Module):
-    def __init__(self, widths=(16, 32, 48, 96), gated: bool = False, num_classes: int = NUM_CLASSES):
+    def __init__(self, widths=(12, 24, 48, 96), gated: bool = False, num_classes: int = NUM_CLASSES):
         super().__init__()
-        self.stem = nn.Sequential(*_cbr(3, widths[0], stride=2))                     # 48x48
+        self.stem = nn.Sequential(*_cbr(3, widths[0]), nn.MaxPool2d(2))             # 48x48
         blocks = [BasicBlock(widths[0], widths[0], 1, gated)]                       # identity shortcut
         for cin, cout in zip(widths[:-1], widths[1:]):
             blocks.append(BasicBlock(cin, cout, 2, gated))                          # 24, 12, 6

@@ -1,0 +1,600 @@
+"""``naflow check`` and ``naflow baseline``: orchestration and command-line entry points.
+
+``main_check(argv)`` / ``main_baseline(argv)`` take the arguments after the subcommand and return
+the exit code: 0 every check passed (baseline: recorded), 1 a check failed, 2 the run itself
+failed (bad configuration, model, baseline or image: one line on stderr), 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import NAFlowError
+from . import checks as ck
+from .config import (DEFAULT_BASELINE_CORRELATION, CheckConfig, ConfigError, load_config)
+
+DEFAULT_OUT = "naflow-check-report"
+REPORT_SCHEMA = "naflow-onnx/check"
+REPORT_VERSION = 1
+METHODS = ("naflow", "reference", "gradcam", "layercam", "gradxact")
+
+
+# ------------------------------------------------------------------------------------------------
+# analyses: in this process (with a small memo), or in worker processes (--jobs N)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What a worker needs to build the same Analyzer as the main process."""
+    model: str
+    preprocess: str | None
+    damp: float | None
+    provider: str | None
+    device: str | None
+    method: str
+    layers: str | None
+    threads: int | None = None
+
+    def analyzer(self, model=None):
+        from ..capture import Capture
+        from ..flow import DEFAULT_DAMP, Analyzer
+        a = Analyzer(model if model is not None else self.model, preprocess=self.preprocess,
+                     damp=DEFAULT_DAMP if self.damp is None else self.damp,
+                     provider=self.provider, device=self.device)
+        if self.threads:
+            # onnxruntime's session takes every core by default; with --jobs that oversubscribes
+            a.capture = Capture(a.graph.model, self.provider, threads=self.threads)
+        return a
+
+
+_MEMO: "OrderedDict[tuple, object]" = OrderedDict()
+_MEMO_SIZE = 8
+
+
+def _memo_key(analyzer, spec: Spec, image: Path, target) -> tuple:
+    pp = json.dumps(analyzer.preprocess.as_dict(), sort_keys=True)
+    return (analyzer.graph.sha256, ck.file_sha256(image), pp, spec.method, spec.layers,
+            analyzer.opts.damp, analyzer.opts.conv_inverse, analyzer.opts.tol,
+            analyzer.opts.max_iter, analyzer.capture.provider, str(analyzer.device), target)
+
+
+def analyse(analyzer, spec: Spec, image: Path, target=None):
+    """One analysis, memoised in this process (same model file content, image content, settings
+    and target give the same maps: the engine is deterministic). NAFLOW_CHECK_MEMO=0 disables."""
+    use = os.environ.get("NAFLOW_CHECK_MEMO", "1") != "0"
+    key = _memo_key(analyzer, spec, image, target) if use else None
+    if use and key in _MEMO:
+        _MEMO.move_to_end(key)
+        return _MEMO[key]
+    flow = analyzer.analyze(image, target=target, method=spec.method, layers=spec.layers)
+    flow.tensors = None
+    if use:
+        _MEMO[key] = flow
+        while len(_MEMO) > _MEMO_SIZE:
+            _MEMO.popitem(last=False)
+    return flow
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(spec: Spec) -> None:
+    import torch
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    _WORKER["spec"] = spec
+    try:
+        _WORKER["analyzer"] = spec.analyzer()
+    except NAFlowError as exc:
+        _WORKER["error"] = str(exc)
+
+
+def _safe(fn, *args):
+    try:
+        return "ok", fn(*args)
+    except NAFlowError as exc:
+        return "error", str(exc)
+    except Exception as exc:  # noqa: BLE001 - reported as an error of this image, traceback kept
+        return "crash", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+
+
+def _task_analyse(image: str, target):
+    if "error" in _WORKER:
+        return "error", _WORKER["error"]
+    return _safe(lambda: analyse(_WORKER["analyzer"], _WORKER["spec"], Path(image), target))
+
+
+def _sanity_flow(spec: Spec, image: Path, target: int, count: int, seed: int):
+    randomised, names = ck.randomise_weights(spec.model, count=count, seed=seed)
+    flow = spec.analyzer(randomised).analyze(image, target=target, method=spec.method,
+                                             layers=spec.layers)
+    flow.tensors = None
+    return flow, names
+
+
+def _task_sanity(image: str, target: int, count: int, seed: int):
+    return _safe(_sanity_flow, _WORKER["spec"], Path(image), target, count, seed)
+
+
+class Runner:
+    """Runs analyses serially (jobs = 1, this process's Analyzer) or in a process pool whose
+    workers each build their Analyzer once."""
+
+    def __init__(self, analyzer, spec: Spec, jobs: int):
+        self.analyzer, self.spec, self.jobs = analyzer, spec, max(1, int(jobs))
+        self.pool = None
+        if self.jobs > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+            threads = spec.threads or max(1, (os.cpu_count() or 1) // self.jobs)
+            self.spec = Spec(**{**spec.__dict__, "threads": threads})
+            self.pool = ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=_init_worker, initargs=(self.spec,))
+
+    def analyses(self, tasks: list[tuple[Path, object]]):
+        """Yield (index, status, flow-or-message) as analyses finish."""
+        if self.pool is None:
+            for i, (image, target) in enumerate(tasks):
+                yield (i, *_safe(lambda: analyse(self.analyzer, self.spec, image, target)))
+            return
+        from concurrent.futures import as_completed
+        futures = {self.pool.submit(_task_analyse, str(image), target): i
+                   for i, (image, target) in enumerate(tasks)}
+        try:
+            for fut in as_completed(futures):
+                yield (futures[fut], *self._result(fut))
+        finally:
+            for fut in futures:
+                fut.cancel()
+
+    def sanity(self, image: Path, target: int, count: int, seed: int):
+        if self.pool is None:
+            return _safe(_sanity_flow, self.spec, image, target, count, seed)
+        return self._result(self.pool.submit(_task_sanity, str(image), target, count, seed))
+
+    @staticmethod
+    def _result(fut):
+        from concurrent.futures.process import BrokenProcessPool
+        try:
+            return fut.result()
+        except BrokenProcessPool:
+            return "error", "a worker process died (out of memory?); try a smaller --jobs"
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+
+# ------------------------------------------------------------------------------------------------
+# shared set-up of check and baseline
+
+
+@dataclass
+class Setup:
+    cfg: CheckConfig
+    spec: Spec
+    analyzer: object
+    targets: dict            # image -> None (top-1) or class index
+    expected: dict           # image -> class index or None
+    regions: dict            # image -> bool mask or None
+    original_sizes: dict     # image -> (w, h)
+    settings: dict = field(default_factory=dict)
+
+
+def _setup(args) -> Setup:
+    from PIL import Image
+
+    from ..importance import resolve_class
+    cfg = load_config(args.config)
+    method = args.method or cfg.method
+    if method not in METHODS:
+        raise ConfigError(f"--method must be one of {', '.join(METHODS)}, not '{method}'")
+    cfg.method = method
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    model = Path(args.model)
+    if not model.is_file():
+        raise NAFlowError(f"model not found: {model}")
+    spec = Spec(model=str(model.resolve()), preprocess=cfg.preprocess, damp=cfg.damp,
+                provider=args.provider, device=args.device, method=cfg.method, layers=cfg.layers,
+                threads=args.threads)
+    analyzer = spec.analyzer()
+    size = tuple(analyzer.preprocess.size)
+    labels = analyzer.labels
+    targets, expected, regions, sizes = {}, {}, {}, {}
+    for image in cfg.images:
+        try:
+            with Image.open(image) as im:
+                sizes[image] = im.size
+        except Exception:  # noqa: BLE001 - the analysis reports unreadable images
+            sizes[image] = None
+        exp = cfg.expect.get(image)
+        idx = None
+        if exp is not None and exp.cls is not None:
+            where = cfg.where("expect", "class", exp.index)
+            if isinstance(exp.cls, str):
+                if not labels:
+                    raise ConfigError(f"{where}: expect[{exp.index}].class '{exp.cls}' is a label "
+                                      "but the model has no labels: give the class index")
+                try:
+                    import torch
+                    idx = resolve_class(exp.cls, torch.zeros(1, len(labels)), labels)
+                except NAFlowError as e:
+                    raise ConfigError(f"{where}: expect[{exp.index}].class: {e}") from None
+            else:
+                idx = int(exp.cls)
+                if labels and idx >= len(labels):
+                    raise ConfigError(f"{where}: expect[{exp.index}].class {idx} is out of range: "
+                                      f"the model has {len(labels)} classes")
+        expected[image] = idx
+        targets[image] = idx if cfg.target == "expected" and idx is not None else None
+        region = None
+        if exp is not None and (exp.box is not None or exp.mask is not None):
+            key = "box" if exp.box is not None else "mask"
+            try:
+                region = ck.region_mask(exp, size, sizes[image])
+            except NAFlowError as e:
+                raise ConfigError(f"{cfg.where('expect', key, exp.index)}: expect[{exp.index}].{key}: "
+                                  f"{e}") from None
+        regions[image] = region
+    settings = {**cfg.analysis_record(), "damp": analyzer.opts.damp,
+                "preprocess": analyzer.preprocess.as_dict()}
+    if math.isinf(settings["damp"]):
+        settings["damp"] = "inf"
+    return Setup(cfg, spec, analyzer, targets, expected, regions, sizes, settings)
+
+
+def _progress(total: int, quiet: bool, desc: str):
+    from tqdm import tqdm
+    # a bar on a terminal only (disable=None), never into CI logs
+    return tqdm(total=total, desc=desc, unit="image", disable=True if quiet else None, leave=False)
+
+
+def _layers_record(flow) -> list[dict]:
+    return [{"index": layer.index, "tensor": layer.tensor, "op_type": layer.op_type,
+             "shape": list(layer.shape), "final": layer.final} for layer in flow.layers]
+
+
+# ------------------------------------------------------------------------------------------------
+# naflow check
+
+
+def run_check(args) -> tuple[int, dict, dict]:
+    """The whole check; returns (exit code, report). Raises NAFlowError for a failed run."""
+    t0 = time.perf_counter()
+    st = _setup(args)
+    cfg = st.cfg
+    baseline = None
+    bpath = args.baseline or cfg.baseline_path
+    bthreshold = cfg.baseline_correlation if cfg.baseline_correlation is not None \
+        else DEFAULT_BASELINE_CORRELATION
+    if bpath:
+        baseline = ck.read_baseline(bpath)
+        ck.check_settings(baseline, st.settings)
+    enabled = {"prediction": cfg.prediction or None, "final_mass_in_region": cfg.final_mass,
+               "flow_stability": cfg.flow_stability,
+               "baseline_correlation": bthreshold if baseline else None,
+               "sanity": cfg.sanity}
+    enabled = {k: v for k, v in enabled.items() if v is not None}
+    if not enabled:
+        raise ConfigError(f"{cfg.where('checks')}: no check is enabled: set one in [checks] "
+                          "(e.g. prediction = true) or give --baseline")
+
+    runner = Runner(st.analyzer, st.spec, args.jobs)
+    images = cfg.images
+    flows: dict = {}
+    errors: dict = {}
+    matching = None
+    bar = _progress(len(images) + (1 if cfg.sanity is not None else 0), args.quiet, "naflow check")
+    try:
+        for i, status, result in runner.analyses([(im, st.targets[im]) for im in images]):
+            bar.update(1)
+            if status == "ok":
+                flows[images[i]] = result
+                if baseline is not None and matching is None:
+                    matching = ck.match_layers(baseline, result.layers, cfg.baseline_match,
+                                               st.analyzer.graph.sha256)
+            else:
+                errors[images[i]] = result
+        sanity = None
+        if cfg.sanity is not None:
+            simg = cfg.sanity_image or next((im for im in images if im in flows), None)
+            if simg is None or simg not in flows:
+                sanity = ck.record("sanity", "error", threshold=cfg.sanity,
+                                   message="no analysed image to run the sanity gate on")
+            else:
+                status, result = runner.sanity(simg, int(flows[simg].target["index"]),
+                                               cfg.sanity_layers, cfg.sanity_seed)
+                if status == "ok":
+                    rflow, names = result
+                    sanity = ck.check_sanity(flows[simg], rflow, cfg.sanity, names)
+                    sanity["image"] = cfg.keys[simg]
+                    sanity["_flows"] = (flows[simg], rflow)
+                else:
+                    sanity = ck.record("sanity", "error", threshold=cfg.sanity,
+                                       message=result.splitlines()[0], image=cfg.keys[simg])
+                    if status == "crash":
+                        sanity["traceback"] = result
+            bar.update(1)
+    finally:
+        bar.close()
+        runner.close()
+
+    per_image = []
+    for image in images:
+        key = cfg.keys[image]
+        entry = {"key": key, "path": str(image), "original_size": st.original_sizes.get(image),
+                 "expected_class": st.expected[image],
+                 "region": ({"box": cfg.expect[image].box} if image in cfg.expect and
+                            cfg.expect[image].box is not None else
+                            {"mask": str(cfg.expect[image].mask)} if st.regions[image] is not None
+                            else None),
+                 "checks": []}
+        if image in errors:
+            msg = errors[image]
+            entry.update(status="error", error=msg.splitlines()[0])
+            if "\n" in msg:
+                entry["traceback"] = msg
+            per_image.append(entry)
+            continue
+        flow = flows[image]
+        entry.update(target={k: flow.target.get(k) for k in ("index", "label", "probability")},
+                     prediction=int(flow.target["top5"][0]["index"]),
+                     input_size=list(flow.image.shape[:2]))
+        recs = entry["checks"]
+        if cfg.prediction:
+            recs.append(ck.check_prediction(flow, st.expected[image], st.analyzer.labels)
+                        if st.expected[image] is not None else
+                        ck.record("prediction", "skip", message="no expected class for this image"))
+        if cfg.final_mass is not None:
+            exp = cfg.expect.get(image)
+            thr = exp.min_mass if exp is not None and exp.min_mass is not None else cfg.final_mass
+            recs.append(ck.check_mass(flow, st.regions[image], thr) if st.regions[image] is not None
+                        else ck.record("final_mass_in_region", "skip", threshold=thr,
+                                       message="no region (box or mask) for this image"))
+        if cfg.flow_stability is not None:
+            recs.append(ck.check_stability(flow, cfg.flow_stability, cfg.stability_stages))
+        if baseline is not None:
+            recs.append(ck.check_baseline(flow, baseline, matching, key, ck.file_sha256(image),
+                                          bthreshold, cfg.baseline_layers))
+        entry["status"] = ("fail" if any(r["status"] == "fail" for r in recs) else "pass")
+        per_image.append(entry)
+
+    model_checks = []
+    sanity_flows = None
+    if sanity is not None:
+        sanity_flows = sanity.pop("_flows", None)
+        model_checks.append(sanity)
+
+    all_recs = [r for e in per_image for r in e["checks"]] + model_checks
+    n_err = len(errors) + sum(r["status"] == "error" for r in model_checks)
+    summary = {"images": len(images), "checks": len(all_recs),
+               "passed": sum(r["status"] == "pass" for r in all_recs),
+               "failed": sum(r["status"] == "fail" for r in all_recs),
+               "skipped": sum(r["status"] == "skip" for r in all_recs),
+               "errors": n_err}
+    code = 2 if n_err else (1 if summary["failed"] else 0)
+    any_flow = next(iter(flows.values()), None)
+    report = {
+        "schema": REPORT_SCHEMA, "schema_version": REPORT_VERSION,
+        "status": {0: "pass", 1: "fail", 2: "error"}[code], "exit_code": code,
+        "model": {"path": str(args.model), "sha256": st.analyzer.graph.sha256,
+                  "layers": len(any_flow.layers) if any_flow else None,
+                  "final_layer": any_flow.final_layer if any_flow else None},
+        "config": {"path": str(args.config), "sha256": cfg.sha256},
+        "analysis": st.settings,
+        "checks": enabled,
+        "baseline": ({"path": str(bpath), "model_sha256": baseline.meta["model"]["sha256"],
+                      "same_model": matching["same_model"] if matching else None,
+                      "matched_by": matching["by"] if matching else None,
+                      "threshold": bthreshold, "layer_thresholds": cfg.baseline_layers,
+                      } if baseline else None),
+        "summary": summary,
+        "images": per_image,
+        "model_checks": model_checks,
+        "layers": _layers_record(any_flow) if any_flow else [],
+        "jobs": runner.jobs,
+        "timings": {"total_s": round(time.perf_counter() - t0, 3)},
+    }
+    return code, report, {"flows": flows, "regions": {cfg.keys[k]: v for k, v in st.regions.items()},
+                          "baseline": baseline, "matching": matching, "sanity_flows": sanity_flows,
+                          "labels": st.analyzer.labels}
+
+
+def write_reports(out, report: dict, extras: dict, html_all: bool = False) -> Path:
+    from ..io import atomic_dir
+    from . import report as rp
+    with atomic_dir(out) as tmp:
+        rp.write_json(tmp / "report.json", report)
+        rp.write_junit(tmp / "junit.xml", report)
+        rp.write_html(tmp / "report.html", report, extras, include_passing=html_all)
+    return Path(out)
+
+
+def _print_summary(report: dict, out: Path, stream=sys.stdout) -> None:
+    for e in report["images"]:
+        if e["status"] == "error":
+            print(f"ERROR {e['key']}: {e['error']}", file=stream)
+            continue
+        bad = [r for r in e["checks"] if r["status"] == "fail"]
+        word = "FAIL " if bad else "pass "
+        detail = "; ".join(f"{r['check']}: {r['message']}" for r in bad) if bad else \
+            ", ".join(f"{r['check']} {_short(r)}" for r in e["checks"])
+        print(f"{word}{e['key']}: {detail}", file=stream)
+    for r in report["model_checks"]:
+        word = {"pass": "pass ", "fail": "FAIL ", "error": "ERROR"}.get(r["status"], r["status"])
+        print(f"{word} model {r['check']}: {r['message']}", file=stream)
+    s = report["summary"]
+    print(f"naflow check: {s['images']} images, {s['checks']} checks: {s['passed']} passed, "
+          f"{s['failed']} failed, {s['skipped']} skipped, {s['errors']} errors -> "
+          f"{out / 'report.html'}", file=stream)
+
+
+def _short(r: dict) -> str:
+    v = r.get("value")
+    if r["status"] == "skip":
+        return "skipped"
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return "ok" if r["status"] == "pass" else str(v)
+
+
+def build_check_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="naflow check",
+        description="Gate a model on attention checks over a set of images (docs/check.md). "
+                    "Exit 0: all checks pass; 1: a check failed; 2: the run itself failed.")
+    p.add_argument("model", help="the .onnx file")
+    p.add_argument("--config", required=True, help="the check configuration (TOML)")
+    p.add_argument("--baseline", help="a baseline .npz from `naflow baseline` (overrides "
+                   "[baseline] path)")
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"report folder, replaced atomically "
+                   f"(default: {DEFAULT_OUT}/): report.json, junit.xml, report.html")
+    _common(p)
+    p.add_argument("--html-all", action="store_true", help="draw the flows of passing images too")
+    p.add_argument("--json", action="store_true", help="print the JSON report on stdout")
+    return p
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument("--method", choices=METHODS, help="map method (default: [analysis] method, "
+                   "else naflow)")
+    p.add_argument("--threads", type=int, help="torch/onnxruntime threads per process")
+    p.add_argument("--provider", default="auto", help="onnxruntime provider: auto, cpu, cuda")
+    p.add_argument("--device", help="torch device of the rebuild (default: cuda if available)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--debug", action="store_true", help="tracebacks")
+
+
+def _guard(fn, args) -> int:
+    try:
+        return fn(args)
+    except KeyboardInterrupt:
+        print("naflow: interrupted; no report written", file=sys.stderr)
+        return 130
+    except NAFlowError as exc:
+        if args.debug:
+            raise
+        print(f"naflow: error: {exc}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("naflow: error: out of memory", file=sys.stderr)
+        return 2
+
+
+def _cmd_check(args) -> int:
+    if args.jobs < 1:
+        raise NAFlowError(f"--jobs must be >= 1, got {args.jobs}")
+    code, report, extras = run_check(args)
+    out = write_reports(args.out, report, extras, html_all=args.html_all)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        _print_summary(report, out, stream=sys.stderr)
+    else:
+        _print_summary(report, out)
+    for e in report["images"]:
+        if e["status"] == "error":
+            print(f"naflow: error: {e['key']}: {e['error']}", file=sys.stderr)
+            if args.debug and e.get("traceback"):
+                print(e["traceback"], file=sys.stderr)
+    for r in report["model_checks"]:
+        if r["status"] == "error":
+            print(f"naflow: error: sanity gate: {r['message']}", file=sys.stderr)
+    return code
+
+
+def main_check(argv=None) -> int:
+    """``naflow check MODEL --config FILE [--baseline B] [--out DIR] [--jobs N] [--method M]``."""
+    args = build_check_parser().parse_args(argv)
+    return _guard(_cmd_check, args)
+
+
+# ------------------------------------------------------------------------------------------------
+# naflow baseline
+
+
+def record_baseline(args) -> dict:
+    """Analyse every configured image and write the baseline file; returns its metadata."""
+    from .. import __version__
+    st = _setup(args)
+    cfg = st.cfg
+    runner = Runner(st.analyzer, st.spec, args.jobs)
+    images = cfg.images
+    flows, errors = {}, {}
+    bar = _progress(len(images), args.quiet, "naflow baseline")
+    try:
+        for i, status, result in runner.analyses([(im, st.targets[im]) for im in images]):
+            bar.update(1)
+            if status == "ok":
+                flows[images[i]] = result
+            else:
+                errors[images[i]] = result
+    finally:
+        bar.close()
+        runner.close()
+    if errors:
+        image, msg = next((im, errors[im]) for im in images if im in errors)
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise NAFlowError(f"{cfg.keys[image]}: {msg.splitlines()[0]}{more}; no baseline written")
+    first = flows[images[0]]
+    layers = [layer.tensor for layer in first.layers]
+    for image in images[1:]:
+        if [layer.tensor for layer in flows[image].layers] != layers:
+            raise NAFlowError(f"{cfg.keys[image]}: the model maps other layers for this image than "
+                              f"for {cfg.keys[images[0]]}; no baseline written")
+    meta = {
+        "schema": ck.BASELINE_SCHEMA, "schema_version": ck.BASELINE_VERSION,
+        "created_by": f"naflow-onnx {__version__}",
+        "model": {"path": str(args.model), "sha256": st.analyzer.graph.sha256,
+                  "final_layer": first.final_layer, "layers": _layers_record(first)},
+        "analysis": st.settings,
+        "config": {"path": str(args.config), "sha256": cfg.sha256,
+                   "analysis_sha256": hashlib.sha256(json.dumps(st.settings, sort_keys=True)
+                                                     .encode()).hexdigest()},
+        "images": [{"key": cfg.keys[im], "sha256": ck.file_sha256(im),
+                    "target": int(flows[im].target["index"]),
+                    "prediction": int(flows[im].target["top5"][0]["index"])} for im in images],
+    }
+    maps = [[flows[im].maps[t] for t in layers] for im in images]
+    ck.write_baseline(args.o, meta, maps)
+    return meta
+
+
+def build_baseline_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="naflow baseline",
+        description="Record the maps of a trusted model version for `naflow check --baseline`.")
+    p.add_argument("model", help="the .onnx file of the trusted model")
+    p.add_argument("--config", required=True, help="the check configuration (TOML): its inputs "
+                   "and [analysis] settings are used")
+    p.add_argument("-o", "--output", dest="o", required=True, help="the baseline file (.npz), "
+                   "written atomically")
+    _common(p)
+    return p
+
+
+def _cmd_baseline(args) -> int:
+    if args.jobs < 1:
+        raise NAFlowError(f"--jobs must be >= 1, got {args.jobs}")
+    meta = record_baseline(args)
+    print(f"naflow baseline: {len(meta['images'])} images x {len(meta['model']['layers'])} layers "
+          f"of model sha256 {meta['model']['sha256'][:12]} ({meta['analysis']['method']}) -> {args.o}")
+    return 0
+
+
+def main_baseline(argv=None) -> int:
+    """``naflow baseline MODEL --config FILE -o baseline.npz [--jobs N] [--method M]``."""
+    args = build_baseline_parser().parse_args(argv)
+    return _guard(_cmd_baseline, args)

@@ -1,0 +1,200 @@
+"""Hostile models and bad inputs: each answered by one clear line, exit code 2, no traceback and
+no partial output (issue: reliability and security)."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import naflow_onnx as nf
+from naflow_onnx.errors import ImageError, ModelError, NAFlowError, ParityError, PreprocessError
+
+from conftest import ROOT
+
+
+def cli(*args, timeout=300):
+    proc = subprocess.run([sys.executable, "-m", "naflow_onnx.cli", *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return proc.returncode, proc.stderr
+
+
+def conv_model(x_shape=(1, 3, 8, 8), extra_nodes=(), out="y", out_shape=(1, 4, 1, 1), inits=()):
+    w = numpy_helper.from_array(np.ones((4, x_shape[1], 3, 3), np.float32) * 0.1, "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]), *extra_nodes]
+    if not extra_nodes:
+        nodes.append(helper.make_node("GlobalAveragePool", ["r"], [out]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
+                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, list(out_shape))],
+                              [w, *inits])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.fixture
+def image(tmp_path):
+    from PIL import Image
+    path = tmp_path / "img.png"
+    Image.fromarray((np.random.default_rng(0).random((20, 20, 3)) * 255).astype(np.uint8)).save(path)
+    return path
+
+
+def assert_refused(code, stderr, needle, out: Path):
+    assert code == 2, stderr
+    assert len(stderr.strip().splitlines()) == 1 and re.search(needle, stderr), stderr
+    assert "Traceback" not in stderr
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+
+
+def test_external_data_outside_the_model_folder_is_refused(tmp_path, image):
+    model = conv_model()
+    w = model.graph.initializer[0]
+    w.ClearField("raw_data")
+    w.data_location = TensorProto.EXTERNAL
+    w.ClearField("float_data")
+    for k, v in (("location", "../../etc/passwd"), ("offset", "0"), ("length", "432")):
+        entry = w.external_data.add()
+        entry.key, entry.value = k, v
+    path = tmp_path / "m" / "traversal.onnx"
+    path.parent.mkdir()
+    path.write_bytes(model.SerializeToString())
+    out = tmp_path / "out"
+    code, err = cli("analyze", path, image, "--out", out)
+    assert_refused(code, err, "points outside the model's folder", out)
+
+
+def test_external_data_missing(tmp_path, image):
+    model = conv_model()
+    path = tmp_path / "ext.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, location="weights.bin",
+                    size_threshold=0)
+    (tmp_path / "weights.bin").unlink()
+    out = tmp_path / "out"
+    code, err = cli("analyze", path, image, "--out", out)
+    assert_refused(code, err, "external data file 'weights.bin'.*missing", out)
+
+
+def test_model_over_the_size_limit(tmp_path, image):
+    path = tmp_path / "m.onnx"
+    onnx.save(conv_model(), path)
+    out = tmp_path / "out"
+    code, err = cli("analyze", path, image, "--out", out, "--max-model-bytes", "100")
+    assert_refused(code, err, "exceeds the size limit of 100 bytes", out)
+
+
+def test_model_failing_the_checker(tmp_path, image):
+    model = conv_model()
+    model.graph.node[1].input[0] = "nowhere"            # an input nothing produces
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    out = tmp_path / "out"
+    code, err = cli("analyze", path, image, "--out", out)
+    assert_refused(code, err, "fails onnx.checker", out)
+
+
+def test_graph_with_a_cycle(tmp_path, image):
+    model = conv_model(extra_nodes=[helper.make_node("Add", ["r", "z"], ["a"]),
+                                    helper.make_node("Relu", ["a"], ["z"]),
+                                    helper.make_node("GlobalAveragePool", ["z"], ["y"])])
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    out = tmp_path / "out"
+    code, err = cli("analyze", path, image, "--out", out)
+    assert_refused(code, err, "cycle|topologically sorted|fails onnx.checker", out)
+
+
+def test_unsupported_attribute(tmp_path, image):
+    """Conv with an auto_pad value no rule knows is refused by name (by onnxruntime or by us)."""
+    model = conv_model()
+    del model.graph.node[0].attribute[:]
+    model.graph.node[0].attribute.append(helper.make_attribute("auto_pad", "MIRROR"))
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    out = tmp_path / "out"
+    code, err = cli("analyze", path, image, "--out", out)
+    assert_refused(code, err, "auto_pad|MIRROR|Conv", out)
+
+
+def test_dynamic_spatial_dims_need_a_size(tmp_path, image):
+    model = conv_model(x_shape=("n", 3, "h", "w"), out_shape=("n", 4, 1, 1))
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    out = tmp_path / "out"
+    code, err = cli("analyze", path, image, "--out", out)
+    assert_refused(code, err, "dynamic spatial dims: give --size", out)
+    code, err = cli("analyze", path, image, "--out", out, "--size", "16", "--preprocess", "none")
+    assert code == 0, err
+
+
+def test_nan_produced_by_the_model(tmp_path, image):
+    """log of a negative activation -> NaN: refused naming the tensor, not a silent map."""
+    neg = numpy_helper.from_array(np.array(-1.0, np.float32), "neg")
+    model = conv_model(extra_nodes=[helper.make_node("Mul", ["r", "neg"], ["m"]),
+                                    helper.make_node("Log", ["m"], ["l"]),
+                                    helper.make_node("Add", ["l", "c"], ["s"]),
+                                    helper.make_node("GlobalAveragePool", ["s"], ["y"])],
+                       inits=[neg])
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    out = tmp_path / "out"
+    code, err = cli("analyze", path, image, "--out", out, "--preprocess", "none")
+    assert_refused(code, err, "NaN/Inf", out)
+
+
+def test_zero_sized_and_wrong_shaped_images(small_models):
+    analyzer = nf.Analyzer(small_models["chain"][1])
+    with pytest.raises(ImageError, match="H×W×3"):
+        analyzer.analyze(np.zeros((0, 0, 3), np.uint8))
+    with pytest.raises(ImageError, match="H×W×3"):
+        analyzer.analyze(np.zeros((4, 4, 7), np.uint8))
+
+
+def test_wrong_layout_is_refused(small_models):
+    with pytest.raises(PreprocessError, match="reads 32 channels"):
+        nf.Analyzer(small_models["chain"][1], layout="NHWC")
+
+
+def test_errors_are_one_line_naflow_errors():
+    for cls in (ModelError, ImageError, ParityError, PreprocessError):
+        assert issubclass(cls, NAFlowError)
+
+
+def test_interrupt_leaves_no_output(mobilenet_onnx, photos, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "naflow_onnx.cli", "analyze", str(mobilenet_onnx),
+                             str(photos["chelsea"]), "--out", str(out)], cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(tmp_path.glob(".out.tmp-*")):
+        time.sleep(0.2)                        # the run has started writing: interrupt it now
+    assert list(tmp_path.glob(".out.tmp-*")), "the analysis never started"
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_weights_are_only_loaded_weights_only():
+    """No torch.load without weights_only=True anywhere in the project (no pickle from files)."""
+    offenders = []
+    for path in list(ROOT.glob("naflow_onnx/**/*.py")) + list(ROOT.glob("exporters/*.py")) + \
+            list(ROOT.glob("models/*.py")) + list(ROOT.glob("bench/*.py")):
+        text = path.read_text()
+        for m in re.finditer(r"torch\.load\(", text):
+            call = text[m.start(): text.find(")", m.start()) + 200]
+            if "weights_only=True" not in call.split("\n\n")[0][:300]:
+                offenders.append(f"{path.relative_to(ROOT)}:{text[:m.start()].count(chr(10)) + 1}")
+    assert not offenders, offenders
