@@ -135,6 +135,8 @@ def _select_layers(features: list[str], mg: ModelGraph, spec: str | None) -> lis
         chosen = [t for t in features if rx.search(t) or rx.search(mg.node_of(t).name)]
     if not chosen:
         raise NAFlowError(f"--layers '{spec}' matches none of the {len(features)} feature layers")
+    if features[-1] not in chosen:   # the final feature tensor is always shown (and framed)
+        chosen.append(features[-1])
     return chosen
 
 
@@ -254,8 +256,6 @@ class Analyzer:
             out_layers.append(Layer(index=i, tensor=t, node=node.name, op_type=node.op_type,
                                     shape=list(env[t].shape), segment=pl.segment_of.get(t),
                                     final=t == pl.final, solver=records.get(t)))
-        if not any(layer.final for layer in out_layers):
-            out_layers[-1].final = True  # the selection left out the final tensor
         timings["total_s"] = sum(timings.values())
         return Flow(
             model={"path": str(mg.path) if mg.path else None, "sha256": mg.sha256, "opset": mg.opset,

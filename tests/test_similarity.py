@@ -173,4 +173,4 @@ def test_mobilenet_embedding_real_photos(workdir, photos, tmp_path):
     flow = analyzer.analyze(photos["chelsea"], objective=analyzer.similarity_objective(flip),
                             layers="op:Add")   # the residual joins: a quick slice of the flow
     assert flow.target["kind"] == "similarity" and flow.target["cosine"] > 0.96
-    assert len(flow.layers) == 10
+    assert len(flow.layers) == 11 and flow.layers[-1].final and flow.layers[-1].op_type == "Clip"

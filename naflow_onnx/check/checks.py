@@ -197,39 +197,119 @@ def stages_of(layers, stages) -> list[dict]:
             for k, run in enumerate(runs) if len(run)]
 
 
+STABILITY_MAX_GRID = 8      # the comparison grid has at most this many cells per side
+
+
+def attention_grid(final_shape) -> tuple[int, int]:
+    """The grid the stability distance is computed on: the final layer's H×W, area-reduced so
+    that its longer side has at most STABILITY_MAX_GRID cells (aspect kept)."""
+    h, w = int(final_shape[0]), int(final_shape[1])
+    s = max(h, w) / STABILITY_MAX_GRID
+    if s <= 1:
+        return h, w
+    return max(1, round(h / s)), max(1, round(w / s))
+
+
+def mass_distribution(m: np.ndarray, grid) -> np.ndarray | None:
+    """The positive part of a raw map, area-averaged onto ``grid`` and normalised to sum 1;
+    None when the map has no positive mass."""
+    g = np.maximum(to_grid(np.maximum(np.asarray(m, np.float32), 0), grid), 0).astype(np.float64)
+    total = g.sum()
+    return g / total if total > 0 else None
+
+
+_GRID_GRAPHS: dict = {}
+
+
+def attention_shift(p: np.ndarray, q: np.ndarray, scale: int = 1_000_000) -> float:
+    """Earth mover's distance between two mass distributions on the same H×W grid, with the L1
+    ground distance |dx|/W + |dy|/H (cell centres, the image is 1 × 1): the mean distance, in
+    image widths/heights, that the attention has to move to turn ``p`` into ``q`` (0 = the same
+    place; a point moved across the whole image = 2). Solved exactly as a min-cost flow on the
+    4-connected grid (networkx network simplex, masses in units of 1/``scale``)."""
+    import networkx as nx
+    h, w = p.shape
+    a = np.round(p.ravel() * scale).astype(np.int64)
+    b = np.round(q.ravel() * scale).astype(np.int64)
+    a[np.argmax(a)] += scale - a.sum()
+    b[np.argmax(b)] += scale - b.sum()
+    base = _GRID_GRAPHS.get((h, w))
+    if base is None:
+        base = nx.DiGraph()
+        base.add_nodes_from(range(h * w))
+        for y in range(h):
+            for x in range(w):
+                k = y * w + x
+                if x + 1 < w:   # one column = 1/W of the image; costs scaled by H·W to stay integers
+                    base.add_edge(k, k + 1, weight=h)
+                    base.add_edge(k + 1, k, weight=h)
+                if y + 1 < h:
+                    base.add_edge(k, k + w, weight=w)
+                    base.add_edge(k + w, k, weight=w)
+        _GRID_GRAPHS[(h, w)] = base
+    g = base.copy()
+    nx.set_node_attributes(g, {k: int(v) for k, v in enumerate(b - a)}, "demand")
+    cost = nx.network_simplex(g)[0]
+    return float(cost) / (scale * h * w)
+
+
 def stability_profile(flow, stages="resolution") -> dict:
-    """Per layer: Pearson correlation between the layer's raw map brought to the final layer's
-    grid (area average) and the final map; per stage: the mean over its layers (the final layer
-    itself excluded)."""
+    """Per layer: the attention shift (``attention_shift``) between the layer's map and the final
+    layer's map, both as mass distributions on the final layer's grid (``attention_grid``), and
+    the Pearson correlation of the two; per stage: the mean shift over its layers (the final
+    layer itself and maps without positive mass left out)."""
     final = flow.final_layer
-    fmap = np.asarray(flow.maps[final], np.float32)
-    grid = fmap.shape
-    per_layer = []
+    grid = attention_grid(flow.maps[final].shape)
+    fdist = mass_distribution(flow.maps[final], grid)
+    shifts, corrs = [], []
     for layer in flow.layers:
-        r = 1.0 if layer.tensor == final else pearson(to_grid(flow.maps[layer.tensor], grid), fmap)
-        per_layer.append(round(r, 6))
+        m = flow.maps[layer.tensor]
+        if layer.tensor == final:
+            shifts.append(0.0)
+            corrs.append(1.0)
+            continue
+        corrs.append(round(pearson(to_grid(m, flow.maps[final].shape), flow.maps[final]), 6))
+        p = mass_distribution(m, grid)
+        shifts.append(None if p is None or fdist is None else round(attention_shift(p, fdist), 6))
     by_index = {layer.index: k for k, layer in enumerate(flow.layers)}
     out = []
     for st in stages_of(flow.layers, stages):
-        rs = [per_layer[by_index[i]] for i in st["layers"] if flow.layers[by_index[i]].tensor != final]
-        out.append({**st, "mean": round(float(np.mean(rs)), 6) if rs else None})
-    return {"grid": list(grid), "per_layer": per_layer, "stages": out}
+        ks = [by_index[i] for i in st["layers"] if flow.layers[by_index[i]].tensor != final]
+        vals = [shifts[k] for k in ks if shifts[k] is not None]
+        out.append({**st, "mean": round(float(np.mean(vals)), 6) if vals else None,
+                    "empty": sum(shifts[k] is None for k in ks), "compared": len(ks)})
+    return {"grid": list(grid), "per_layer": shifts, "per_layer_correlation": corrs,
+            "stages": out, "final_empty": fdist is None}
 
 
 def check_stability(flow, threshold: float, stages="resolution") -> dict:
+    """Fails when a stage's mean attention shift to the final map exceeds ``threshold`` (image
+    sizes), when every layer of a stage has an empty map, or when the final map is empty."""
     prof = stability_profile(flow, stages)
-    scored = [s for s in prof["stages"] if s["mean"] is not None]
+    if prof["final_empty"]:
+        return record("flow_stability", "fail", threshold=threshold,
+                      message="the final layer's map has no positive mass: nothing to be stable "
+                              "towards", **prof)
+    scored = [s for s in prof["stages"] if s["compared"]]
     if not scored:
         return record("flow_stability", "skip", threshold=threshold,
                       message="only the final layer is mapped: nothing to compare", **prof)
-    worst = min(scored, key=lambda s: s["mean"])
-    bad = [s for s in scored if s["mean"] < threshold]
-    msg = (f"worst stage {worst['name']}: mean correlation to the final map {worst['mean']:.3f} "
-           f"({'<' if bad else '>='} {threshold})")
+    empty = [s for s in scored if s["mean"] is None]
+    valued = [s for s in scored if s["mean"] is not None]
+    bad = [s for s in valued if s["mean"] > threshold] + empty
+    worst = max(valued, key=lambda s: s["mean"]) if valued else None
+    if worst is not None:
+        msg = (f"worst stage {worst['name']}: its attention sits {worst['mean']:.3f} image sizes from "
+               f"the final map's on average ({'>' if worst['mean'] > threshold else '<='} {threshold})")
+    else:
+        msg = "every stage has empty maps"
+    if empty:
+        msg += f"; stage(s) {', '.join(s['name'] for s in empty)} have no positive attention"
     if bad:
-        msg += f"; {len(bad)} of {len(scored)} stages below"
-    return record("flow_stability", "fail" if bad else "pass", value=worst["mean"],
-                  threshold=threshold, message=msg, worst_stage=worst["name"], **prof)
+        msg += f"; {len(bad)} of {len(scored)} stages unstable"
+    return record("flow_stability", "fail" if bad else "pass",
+                  value=worst["mean"] if worst else None, threshold=threshold, message=msg,
+                  worst_stage=worst["name"] if worst else None, **prof)
 
 
 def check_sanity(flow, randomised_flow, threshold: float, randomised: list[str]) -> dict:
@@ -263,10 +343,13 @@ def weight_layers(model) -> list[tuple[str, str]]:
     return out
 
 
-def randomise_weights(model, count: int = 3, seed: int = 0, skip: int = 0, scale: float = 1.0):
+def randomise_weights(model, count: int = 3, seed: int = 0, skip: int = 0, scale: float = 1.0,
+                      additive: bool = False):
     """A copy of ``model`` (ModelProto or path) whose ``count`` top-most weight layers (closest to
     the output, after skipping ``skip`` of them) have weights redrawn from a seeded normal with
-    the original tensor's mean and standard deviation (times ``scale``). Returns (copy, names)."""
+    the original tensor's mean and standard deviation (times ``scale``); with ``additive`` the
+    noise N(0, (scale * std)^2) is added to the trained weights instead (a milder corruption).
+    Returns (copy, names of the layers changed)."""
     import onnx
     from onnx import numpy_helper
     if not isinstance(model, onnx.ModelProto):
@@ -286,7 +369,10 @@ def randomise_weights(model, count: int = 3, seed: int = 0, skip: int = 0, scale
         done.add(wname)
         arr = numpy_helper.to_array(inits[wname])
         std = float(arr.std()) or 0.01
-        new = rng.normal(float(arr.mean()), std * scale, arr.shape).astype(arr.dtype)
+        if additive:
+            new = (arr + rng.normal(0.0, std * scale, arr.shape)).astype(arr.dtype)
+        else:
+            new = rng.normal(float(arr.mean()), std * scale, arr.shape).astype(arr.dtype)
         inits[wname].CopyFrom(numpy_helper.from_array(new, wname))
     return copy, [n for n, _ in layers]
 
@@ -407,7 +493,8 @@ def match_layers(baseline: Baseline, layers, mode: str = "auto", model_sha: str 
         by = "depth"
         pairs = [(k, k) for k in range(len(names))]
     else:
-        first = next((f"'{a}' vs '{b}'" for a, b in zip(names, bnames) if a != b), None)
+        first = next((f"layer {k} is '{a}' here, '{b}' in the baseline"
+                      for k, (a, b) in enumerate(zip(names, bnames)) if a != b), None)
         why = (f"the layer names differ ({first}) and " if first else "the layer names differ and ")
         if mode == "depth":
             why = ""

@@ -34,7 +34,7 @@ SCHEMA: dict[str, dict[str, str]] = {
     "expect": {"image": "path", "class": "class", "box": "box", "mask": "path",
                "final_mass_in_region": "fraction"},
     "checks": {"prediction": "bool", "final_mass_in_region": "fraction",
-               "flow_stability": "correlation", "baseline_correlation": "correlation",
+               "flow_stability": "shift", "baseline_correlation": "correlation",
                "sanity": "bool", "sanity_max_correlation": "correlation"},
     "analysis": {"method": "method", "target": "target_mode", "damp": "damp", "layers": "str"},
     "stability": {"stages": "stages"},
@@ -186,6 +186,10 @@ def _check_value(kind: str, v):
     if kind == "fraction":
         if not _is_number(v) or not 0 <= v <= 1:
             return f"must be a number between 0 and 1, got {_fmt(v)}"
+        return None
+    if kind == "shift":
+        if not _is_number(v) or not 0 <= v <= 2:
+            return f"must be a distance between 0 and 2 (image sizes), got {_fmt(v)}"
         return None
     if kind == "correlation":
         if not _is_number(v) or not -1 <= v <= 1:

@@ -96,9 +96,11 @@ def write_junit(path: Path, report: dict) -> None:
 
 
 def _png(arr: np.ndarray) -> str:
+    """A data: URI of an 8-bit palette PNG (an overlay thumbnail is ~4x smaller than as RGB)."""
     from PIL import Image
     buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG", optimize=False, compress_level=6)
+    img = Image.fromarray(arr).quantize(colors=256, method=Image.Quantize.FASTOCTREE)
+    img.save(buf, format="PNG", optimize=False, compress_level=6)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -142,17 +144,19 @@ def _fmt(v) -> str:
 def _svg_chart(n: int, series: list[tuple[str, str, list[float | None]]], thresholds: list[tuple[str, float]],
                mark: int | None, width: int = 900, height: int = 220) -> str:
     """A line chart of per-layer correlations (x = layer index in forward order, y in [-1, 1])."""
-    left, right, top, bottom = 44, 12, 14, 28
+    left, right, top, bottom = 44, 12, 30, 28
     pw, ph = width - left - right, height - top - bottom
     lo = min([-0.2] + [v for _, _, vals in series for v in vals if v is not None])
     lo = max(-1.0, math.floor(lo * 5) / 5)
+    hi = max([1.0] + [v for _, _, vals in series for v in vals if v is not None])
+    hi = math.ceil(hi * 5) / 5
     xs = lambda i: left + (pw * i / max(n - 1, 1))  # noqa: E731
-    ys = lambda v: top + ph * (1 - (v - lo) / (1 - lo))  # noqa: E731
+    ys = lambda v: top + ph * (1 - (v - lo) / (hi - lo))  # noqa: E731
     parts = [f'<svg class="chart" width="{width}" height="{height}" '
              f'viewBox="0 0 {width} {height}" role="img">',
              f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="#fafafa" stroke="#ccc"/>']
     tick = lo
-    while tick <= 1.0001:
+    while tick <= hi + 1e-4:
         y = ys(tick)
         parts.append(f'<line x1="{left}" x2="{left + pw}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e4e4e4"/>'
                      f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" font-size="11">{tick:.1f}</text>')
@@ -167,14 +171,18 @@ def _svg_chart(n: int, series: list[tuple[str, str, list[float | None]]], thresh
                      f'text-anchor="end" font-size="11" fill="#c00">{_e(name)} {value}</text>')
     if mark is not None:
         x = xs(mark)
+        anchor = "start" if mark < n / 2 else "end"
+        dx = 4 if anchor == "start" else -4
         parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{top + ph}" stroke="#c00" '
-                     f'stroke-width="2"/><text x="{x + 4:.1f}" y="{top + 12}" font-size="11" '
-                     f'fill="#c00">diverges at layer {mark}</text>')
+                     f'stroke-width="2"/><text x="{x + dx:.1f}" y="{top + ph - 6}" font-size="11" '
+                     f'text-anchor="{anchor}" fill="#c00">diverges at layer {mark}</text>')
     for k, (name, colour, vals) in enumerate(series):
         pts = " ".join(f"{xs(i):.1f},{ys(v):.1f}" for i, v in enumerate(vals) if v is not None)
         parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.8" points="{pts}"/>')
-        parts.append(f'<text x="{left + 8}" y="{top + 14 + 14 * k}" font-size="11" fill="{colour}">'
-                     f'{_e(name)}</text>')
+        lx = left + k * (pw // 2)
+        parts.append(f'<line x1="{lx}" x2="{lx + 18}" y1="{top - 14}" y2="{top - 14}" stroke="{colour}" '
+                     f'stroke-width="2"/><text x="{lx + 24}" y="{top - 10}" font-size="11" '
+                     f'fill="{colour}">{_e(name)}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
@@ -182,7 +190,7 @@ def _svg_chart(n: int, series: list[tuple[str, str, list[float | None]]], thresh
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#222;background:#fff}
 header{padding:14px 22px;color:#fff}
-header.pass{background:#1a7f37} header.fail{background:#c62828} header.error{background:#6d4c41}
+header.h-pass{background:#1a7f37} header.h-fail{background:#c62828} header.h-error{background:#6d4c41}
 header h1{margin:0;font-size:20px} header p{margin:4px 0 0}
 main{padding:10px 22px 40px}
 table{border-collapse:collapse;margin:8px 0 16px}
@@ -204,6 +212,8 @@ code{font-size:12px}
 """
 
 JS = """
+var blocked = [];
+document.addEventListener('securitypolicyviolation', function (e) { blocked.push(e.blockedURI); });
 window.addEventListener('load', function () {
   var imgs = Array.prototype.slice.call(document.querySelectorAll('img'));
   var shown = 0, items = [];
@@ -216,7 +226,8 @@ window.addEventListener('load', function () {
                 nh: im.naturalHeight, ok: ok});
   });
   var el = document.getElementById('render-check');
-  el.textContent = JSON.stringify({images: imgs.length, shown: shown,
+  var fetched = performance.getEntriesByType('resource').map(function (e) { return e.name; });
+  el.textContent = JSON.stringify({images: imgs.length, shown: shown, fetched: fetched, blocked: blocked,
                                    height: document.documentElement.scrollHeight, items: items});
   document.body.setAttribute('data-images-shown', shown + '/' + imgs.length);
 });
@@ -251,10 +262,13 @@ def _flow_section(k: int, entry: dict, flow, region, baseline, matching) -> str:
     parts = []
     if diverge is not None:
         d = per_base[diverge]
+        low = min(per_base.values(), key=lambda p: p["r"])
         parts.append(f'<p class="banner" id="diverge-{k}"><b>The flow diverges from the baseline at layer '
                      f'{diverge}</b> ({_e(d["op_type"])} <code>{_e(d["tensor"])}</code>): r = {d["r"]:.3f} '
                      f'&lt; {d["threshold"]}; {base["layers_below"]} of {len(per_base)} layers below '
-                     f'threshold. <a href="#img{k}-layer{diverge}">jump to the layer</a></p>')
+                     f'threshold; the largest change is at layer {low["index"]} ({_e(low["op_type"])}, '
+                     f'r = {low["r"]:.3f}). <a href="#img{k}-layer{diverge}">first divergent layer</a> · '
+                     f'<a href="#img{k}-layer{low["index"]}">largest change</a></p>')
     n = len(flow.layers)
     series, thresholds = [], []
     if per_base:
@@ -263,7 +277,8 @@ def _flow_section(k: int, entry: dict, flow, region, baseline, matching) -> str:
                         for layer in flow.layers]))
         thresholds.append(("baseline threshold", base["threshold"]))
     if stab_r:
-        series.append(("correlation to the final map (stability)", "#888", list(stab_r)))
+        series.append(("attention shift to the final map (stability; lower is stabler)", "#888",
+                       list(stab_r)))
         if stab.get("threshold") is not None:
             thresholds.append(("stability threshold", stab["threshold"]))
     if series:
@@ -296,8 +311,8 @@ def _flow_section(k: int, entry: dict, flow, region, baseline, matching) -> str:
         cap = f"{i} · {_e(layer.op_type)} {h}×{w}"
         if p is not None:
             cap += f"<br>r<sub>base</sub> = {p['r']:.3f}"
-        if stab_r is not None:
-            cap += f"<br>r<sub>final</sub> = {stab_r[i]:.3f}"
+        if stab_r is not None and stab_r[i] is not None:
+            cap += f"<br>shift = {stab_r[i]:.3f}"
         cell.append(f'<figcaption title="{_e(layer.tensor)}">{cap}</figcaption></figure>')
         parts.append("".join(cell))
     parts.append("</div>")
@@ -319,7 +334,7 @@ def write_html(path: Path, report: dict, extras: dict, include_passing: bool = F
            '<meta name="viewport" content="width=device-width, initial-scale=1">',
            f"<title>naflow check: {_e(title)} – {_e(Path(model['path']).name)}</title>",
            f"<style>{CSS}</style></head><body>",
-           f'<header class="{status}"><h1>naflow check: {_e(title)}</h1>'
+           f'<header class="h-{status}"><h1>naflow check: {_e(title)}</h1>'
            f"<p>{s['images']} images, {s['checks']} checks: {s['passed']} passed, {s['failed']} failed, "
            f"{s['skipped']} skipped, {s['errors']} errors</p></header><main>"]
     bl = report.get("baseline")
@@ -340,7 +355,7 @@ def write_html(path: Path, report: dict, extras: dict, include_passing: bool = F
 
     # overview
     names = list(report["checks"])
-    out.append('<h2>Overview</h2><table id="overview"><tr><th>image</th><th>prediction</th>'
+    out.append('<h2>Overview</h2><table id="overview"><tr><th>image</th><th>predicted</th>'
                + "".join(f"<th>{_e(n)}</th>" for n in names if n != "sanity") + "</tr>")
     for k, e in enumerate(report["images"]):
         if e["status"] == "error":

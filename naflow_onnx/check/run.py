@@ -284,7 +284,8 @@ def run_check(args) -> tuple[int, dict, dict]:
         ck.check_settings(baseline, st.settings)
     enabled = {"prediction": cfg.prediction or None, "final_mass_in_region": cfg.final_mass,
                "flow_stability": cfg.flow_stability,
-               "baseline_correlation": bthreshold if baseline else None,
+               "baseline_correlation": bthreshold if baseline or cfg.baseline_correlation is not None
+               else None,
                "sanity": cfg.sanity}
     enabled = {k: v for k, v in enabled.items() if v is not None}
     if not enabled:
@@ -365,6 +366,9 @@ def run_check(args) -> tuple[int, dict, dict]:
                                        message="no region (box or mask) for this image"))
         if cfg.flow_stability is not None:
             recs.append(ck.check_stability(flow, cfg.flow_stability, cfg.stability_stages))
+        if baseline is None and cfg.baseline_correlation is not None:
+            recs.append(ck.record("baseline_correlation", "skip", threshold=bthreshold,
+                                  message="no baseline given (--baseline or [baseline] path)"))
         if baseline is not None:
             recs.append(ck.check_baseline(flow, baseline, matching, key, ck.file_sha256(image),
                                           bthreshold, cfg.baseline_layers))
@@ -422,7 +426,8 @@ def write_reports(out, report: dict, extras: dict, html_all: bool = False) -> Pa
     return Path(out)
 
 
-def _print_summary(report: dict, out: Path, stream=sys.stdout) -> None:
+def _print_summary(report: dict, out: Path, stream=None) -> None:
+    stream = stream or sys.stdout
     for e in report["images"]:
         if e["status"] == "error":
             print(f"ERROR {e['key']}: {e['error']}", file=stream)
