@@ -44,7 +44,7 @@ def stages(n: int) -> dict[str, slice]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
-    ap.add_argument("--damps", default="0,0.01,0.03,0.1,0.3,1,inf")
+    ap.add_argument("--damps", default="inf,1,0.3,0.1,0.03,0.01,0")
     ap.add_argument("--photos", default=",".join(PHOTOS))
     args = ap.parse_args()
     boxes = json.loads((ROOT / "data" / "photo_boxes.json").read_text())

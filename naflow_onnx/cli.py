@@ -219,6 +219,15 @@ def cmd_models(args) -> int:
     return 0
 
 
+def _delegate(module: str, function: str):
+    """A subcommand whose own module parses its arguments (imported lazily)."""
+    def run(args):
+        import importlib
+        fn = getattr(importlib.import_module(f"naflow_onnx.{module}"), function)
+        return fn(args.argv + (["--debug"] if args.debug else []))
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .methods import METHODS
     p = argparse.ArgumentParser(prog="naflow", description="NAFlow attention flow for ONNX CNNs")
@@ -266,6 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list the model registry")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_models)
+
+    for name, module, function, text in (
+            ("check", "check", "main_check", "gate a model on its attention over a set of images (docs/check.md)"),
+            ("baseline", "check", "main_baseline", "record a trusted model's maps for `naflow check --baseline`"),
+            ("gallery", "gallery", "main", "export and analyse every registry model (docs/gallery.md)")):
+        c = sub.add_parser(name, help=text, add_help=False, prefix_chars="\0")
+        c.add_argument("argv", nargs=argparse.REMAINDER)
+        c.set_defaults(func=_delegate(module, function))
     return p
 
 

@@ -72,8 +72,12 @@ def build_model(name: str, size: int):
     from models import registry
     model, spec = registry.get_model(name)
     if name == "efficientnet-lite0" and size != spec.input_size:
+        import torch
+
         from models.efficientnet_lite import EfficientNetLite0
-        resized = registry._build_random(lambda: EfficientNetLite0(image_size=size))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # as get_model: seed 0 when no weights are installed
+            resized = EfficientNetLite0(image_size=size)
         path = spec.extra.get("weights_path")
         if path:
             registry.load_weights(resized, path, spec.convert_state_dict)
@@ -98,12 +102,10 @@ def _caption_figure(fig, title: str, notes: list[tuple[str, str]] = ()) -> None:
     under it (the untrained-weights warning in red), growing the figure to make room."""
     line = 0.22  # inches per caption line
     height = fig.get_figheight()
-    extra = line * len(notes) + 0.1
-    total = height + extra
-    top_axes = fig.subplotpars.top * height / total
+    total = height + line * len(notes)
     fig.set_figheight(total)
-    fig.subplots_adjust(top=top_axes, bottom=fig.subplotpars.bottom * height / total)
     fig.suptitle(title, fontsize=10, y=1 - 0.08 / total, va="top")
+    fig.tight_layout(rect=(0, 0, 1, 1 - (0.3 + line * len(notes)) / total))
     for i, (text, colour) in enumerate(notes):
         fig.text(0.5, 1 - (0.08 + line * (i + 1)) / total, text, ha="center", va="top",
                  fontsize=9.5, color=colour, fontweight="bold" if colour == "red" else "normal")
@@ -168,6 +170,7 @@ def analyse_model(name: str, out: Path, image: Path, size_override: int | None =
         if spec.kind == "embedding":
             notes.append(("embedding model: " + PLACEHOLDER_NOTE, "#b35900"))
         _caption_figure(fig, title, notes)
+        row["caption"] = {"title": title, "notes": [{"text": t, "colour": c} for t, c in notes]}
         fig.savefig(out / f"{name}.png", dpi=90)
         plt.close(fig)
         row.update(image=f"{name}.png", status="ok")

@@ -379,3 +379,50 @@ def test_dynamo_export_same_feature_layers(case):
     assert d["target"] == ref.target["index"]
     a, b = d["final_map"], ref.maps[ref.final_layer]
     assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-4
+
+
+# -------------------------------------------------------------------------------- the gallery
+def test_gallery_small(tmp_path):
+    """naflow_onnx.gallery on the two smallest models: files, rows, captions' facts, index page."""
+    import json
+
+    from naflow_onnx.errors import NAFlowError
+    from naflow_onnx.gallery import PLACEHOLDER_NOTE, build_gallery, main
+
+    out = tmp_path / "gallery"
+    doc = build_gallery(out, models=["conv4net", "conv64f"], image=_chelsea(), progress=False)
+    rows = json.loads((out / "gallery.json").read_text())["rows"]
+    assert [r["model"] for r in rows] == ["conv4net", "conv64f"] == [r["model"] for r in doc["rows"]]
+    for r in rows:
+        assert r["status"] == "ok" and r["error"] is None
+        assert r["kind"] == "embedding" and r["weights"] == "untrained"
+        assert r["target"]["placeholder"] and r["target_text"].startswith("PLACEHOLDER")
+        assert r["layers"] == r["feature_layers"] > 0 and r["all_converged"]
+        assert r["parity"] < 1e-4 and r["max_residual"] <= 1e-4 and r["analyze_s"] > 0
+        assert (out / r["image"]).stat().st_size > 10_000 and (out / r["onnx"]).is_file()
+        cap = r["caption"]
+        assert r["model"] in cap["title"] and r["target_text"] in cap["title"]
+        assert {"text": cap["notes"][0]["text"], "colour": "red"} == cap["notes"][0]
+        assert cap["notes"][0]["text"].startswith("untrained weights")
+    page = (out / "index.html").read_text()
+    assert '<img src="conv4net.png"' in page and "placeholder" in page and "untrained" in page
+    assert PLACEHOLDER_NOTE in doc["placeholder_target"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
+    with pytest.raises(NAFlowError, match="unknown model"):
+        build_gallery(tmp_path / "x", models=["no-such-model"], progress=False)
+    assert main(["--out", str(tmp_path / "y"), "--models", "no-such-model", "--quiet"]) == 2
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_gallery_caption_colours():
+    import matplotlib.pyplot as plt
+
+    from naflow_onnx.gallery import _caption_figure
+
+    fig, _ = plt.subplots(1, 3, figsize=(6, 2))
+    fig.suptitle("old")
+    _caption_figure(fig, "resnet18 · target: class 1", [("untrained weights (...)", "red")])
+    assert fig._suptitle.get_text() == "resnet18 · target: class 1"
+    red = [t for t in fig.texts if t.get_text().startswith("untrained weights")]
+    assert len(red) == 1 and red[0].get_color() == "red"
+    plt.close(fig)

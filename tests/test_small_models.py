@@ -62,7 +62,7 @@ def test_final_layer_equals_gradcam(flows, small_models, small_image, name):
     A, grad = torch_reference(model, small_image, flow.target["index"])[-1]
     pre = (grad.mean((2, 3), keepdim=True) * A).sum(1)[0]
     t = flow.tensors
-    ours = (t["Lambda"][flow.final_layer] * t["BPFM"][flow.final_layer]).sum(1)[0]
+    ours = (t["Lambda"][flow.final_layer] * t["BPFM"][flow.final_layer]).sum(1)[0].cpu()
     scale = float(pre.abs().max())
     torch.testing.assert_close(ours, pre, rtol=1e-4, atol=1e-5 * scale)
     final = flow.maps[flow.final_layer]
@@ -88,7 +88,8 @@ def test_lambda_equals_torch_autograd(flows, small_models, small_image, name):
     """§8.6: Lambda equals the gradient of the independent torch model, matched by activation."""
     flow = flows[name]
     ref = torch_reference(small_models[name][0], small_image, flow.target["index"])
-    A, lam = flow.tensors["A"], flow.tensors["Lambda"]
+    A = {k: v.cpu() for k, v in flow.tensors["A"].items()}
+    lam = {k: v.cpu() for k, v in flow.tensors["Lambda"].items()}
     matched = 0
     for act, grad in ref:
         for tensor in flow.tensors["plan"].features:

@@ -294,8 +294,9 @@ def load_config(path, display: str | None = None) -> CheckConfig:
                     or find_line(text, None, table))
             close = difflib.get_close_matches(table, list(SCHEMA), n=1)
             hint = f"; did you mean [{close[0]}]?" if close else f" (known: {', '.join(SCHEMA)})"
-            raise ConfigError(f"{display}:{line}: unknown table '{table}'{hint}" if line else
-                              f"{display}: unknown table '{table}'{hint}")
+            what = "table" if isinstance(content, (dict, list)) else "top-level key"
+            raise ConfigError(f"{display}:{line}: unknown {what} '{table}'{hint}" if line else
+                              f"{display}: unknown {what} '{table}'{hint}")
         if table in ARRAY_TABLES:
             if not isinstance(content, list):
                 raise ConfigError(f"{where(None, table)}: '{table}' must be an array of tables "

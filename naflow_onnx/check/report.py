@@ -344,7 +344,7 @@ def write_html(path: Path, report: dict, extras: dict, include_passing: bool = F
             ("method", f"{report['analysis']['method']}, target {report['analysis']['target']}, "
                        f"damp {report['analysis']['damp']}, preprocessing "
                        f"{report['analysis']['preprocess'].get('name')}"),
-            ("checks", ", ".join(f"{k} = {v}" for k, v in report["checks"].items()))]
+            ("checks", ", ".join(f"{k} = {json.dumps(v)}" for k, v in report["checks"].items()))]
     if bl:
         info.append(("baseline", f"{bl['path']} (model sha256 {bl['model_sha256'][:16]}…"
                                  f"{', the same model file' if bl.get('same_model') else ''}; "
@@ -357,21 +357,25 @@ def write_html(path: Path, report: dict, extras: dict, include_passing: bool = F
     names = list(report["checks"])
     out.append('<h2>Overview</h2><table id="overview"><tr><th>image</th><th>predicted</th>'
                + "".join(f"<th>{_e(n)}</th>" for n in names if n != "sanity") + "</tr>")
+    per_image = [n for n in names if n != "sanity"]
     for k, e in enumerate(report["images"]):
         if e["status"] == "error":
-            out.append(f'<tr><td>{_e(e["key"])}</td><td colspan="{len(names) + 1}" class="error">error: '
-                       f'{_e(e["error"])}</td></tr>')
+            out.append(f'<tr><td>{_e(e["key"])}</td><td colspan="{len(per_image) + 1}" class="error">'
+                       f'error: {_e(e["error"])}</td></tr>')
             continue
         t = e.get("target") or {}
-        pred = f"{e['prediction']}" + (f" {t.get('label')}" if t.get("label") and t.get("index") == e["prediction"] else "")
+        pred = str(e["prediction"])
+        if t.get("label") and t.get("index") == e["prediction"]:
+            pred += f" {t['label']}"
         recs = {r["check"]: r for r in e["checks"]}
         cells = []
-        for n in names:
-            if n == "sanity":
-                continue
+        for n in per_image:
             r = recs.get(n)
-            cells.append(f'<td class="{_e(r["status"])}">{_e(r["status"])} {_fmt(r.get("value")) if r["status"] != "skip" else ""}</td>'
-                         if r else "<td>–</td>")
+            if r is None:
+                cells.append("<td>–</td>")
+                continue
+            value = _fmt(r.get("value")) if r["status"] != "skip" else ""
+            cells.append(f'<td class="{_e(r["status"])}">{_e(r["status"])} {value}</td>')
         link = f'<a href="#image-{k}">{_e(e["key"])}</a>' if (e["status"] == "fail" or include_passing) \
             else _e(e["key"])
         out.append(f"<tr><td>{link}</td><td>{_e(pred)}</td>{''.join(cells)}</tr>")

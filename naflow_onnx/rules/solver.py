@@ -152,11 +152,12 @@ def dense_jacobian(J: LinearMap, limit_bytes: int, where: str = "") -> torch.Ten
 
 
 def dense_solve(J: LinearMap, delta: torch.Tensor, damp: float, limit_bytes: int,
-                where: str = "") -> torch.Tensor:
-    """Reference: the damped pseudo-inverse from the explicit Jacobian (small maps only)."""
+                where: str = "", sigma: float | None = None) -> torch.Tensor:
+    """Reference: the damped pseudo-inverse from the explicit Jacobian (small maps only).
+    ``sigma`` (default: the exact largest singular value) scales the damping as in the solver."""
     M = dense_jacobian(J, limit_bytes, where)
     U, S, Vh = torch.linalg.svd(M, full_matrices=False)
-    lam = damp * float(S[0]) if damp > 0 else 0.0
+    lam = damp * (sigma if sigma is not None else float(S[0])) if damp > 0 else 0.0
     cutoff = float(S[0]) * max(M.shape) * torch.finfo(torch.float32).eps
     inv = torch.where(S > cutoff, S / (S * S + lam * lam), torch.zeros_like(S))
     dx = Vh.T @ (inv * (U.T @ delta.reshape(-1).double()))
