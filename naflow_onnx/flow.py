@@ -169,6 +169,7 @@ class Analyzer:
                                   conv_inverse=conv_inverse)
         self.parity_tol = parity_tol
         self._plans: dict[tuple, Plan] = {}
+        self._constants: dict[str, torch.Tensor] | None = None
         emb = embedding_output or self.graph.metadata.get("naflow.embedding_output")
         if emb is not None and emb not in self.graph.producer:
             raise NAFlowError(f"embedding output '{emb}' is not a tensor of this model")
@@ -205,7 +206,10 @@ class Analyzer:
         t0 = time.perf_counter()
         captured = self.capture.run(x)
         t1 = time.perf_counter()
-        values = run_graph(self.graph, torch.from_numpy(x), self.device, track=True)
+        if self._constants is None:  # initializers moved to the device once per model
+            self._constants = {k: v.to(self.device) for k, v in self.graph.constants.items()}
+        values = run_graph(self.graph, torch.from_numpy(x), self.device, track=True,
+                           constants=self._constants)
         par = parity(values, captured, self.parity_tol)
         return values, par, {"capture_s": t1 - t0, "rebuild_s": time.perf_counter() - t1}
 

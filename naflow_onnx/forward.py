@@ -20,9 +20,11 @@ def run_nodes(mg: ModelGraph, env: dict[str, torch.Tensor], node_ids) -> dict[st
 
 
 def run_graph(mg: ModelGraph, x: torch.Tensor, device: torch.device | str = "cpu",
-              track: bool = False) -> dict[str, torch.Tensor]:
-    """All tensors of the graph for input ``x``. With ``track`` every float tensor keeps its grad."""
-    env = {k: v.to(device) for k, v in mg.constants.items()}
+              track: bool = False, constants: dict[str, torch.Tensor] | None = None
+              ) -> dict[str, torch.Tensor]:
+    """All tensors of the graph for input ``x``. With ``track`` every float tensor keeps its grad.
+    ``constants`` may hold the initializers already on ``device`` (moved once per model)."""
+    env = dict(constants) if constants is not None else {k: v.to(device) for k, v in mg.constants.items()}
     x = x.to(device)
     if track:
         x = x.detach().requires_grad_(True)
