@@ -174,3 +174,31 @@ def test_mobilenet_embedding_real_photos(workdir, photos, tmp_path):
                             layers="op:Add")   # the residual joins: a quick slice of the flow
     assert flow.target["kind"] == "similarity" and flow.target["cosine"] > 0.96
     assert len(flow.layers) == 11 and flow.layers[-1].final and flow.layers[-1].op_type == "Clip"
+
+
+@pytest.mark.parametrize("name,size,layers", [("conv4net", 84, None), ("resnet50-ms", 64, "layer4")])
+def test_registry_embedding_models_through_every_target_kind(name, size, layers, workdir, photos, tmp_path):
+    """Conv4Net (every layer) and ResNet50-MS (its last stage, layer4, to keep CI short) run
+    through --reference, --support, --gallery and --prototypes."""
+    from models.registry import get_model
+    model, spec = get_model(name)
+    path = workdir / f"{name}_{size}.onnx"
+    export(model, path, (1, 3, size, size), preprocess=spec.preprocess, output_names=["embedding"],
+           embedding_output="embedding")
+    support = tmp_path / "support"
+    support.mkdir()
+    for key in ("chelsea", "coffee", "astronaut"):
+        Image.open(photos[key]).convert("RGB").resize((size * 2, size * 2)).save(support / f"{key}.png")
+    analyzer = nf.Analyzer(path)
+    np.savez(tmp_path / "protos.npz", **{k: analyzer.embed(support / f"{k}.png") for k in ("chelsea", "coffee")})
+    extra = ["--layers", layers] if layers else []
+    for kind, arg in (("reference", support / "coffee.png"), ("support", support), ("gallery", support),
+                      ("prototypes", tmp_path / "protos.npz")):
+        out = tmp_path / f"out_{kind}"
+        assert main(["analyze", str(path), str(photos["chelsea"]), "--out", str(out), f"--{kind}", str(arg),
+                     "--quiet", *extra]) == 0, kind
+        data = json.loads((out / "flow.json").read_text())
+        assert data["target"]["kind"] == "similarity" and abs(abs(data["target"]["omega_sum"]) - 1) < 1e-4
+        assert data["solver_summary"]["all_converged"]
+        if kind in ("support", "gallery"):
+            assert data["target"]["prediction"].startswith("chelsea")   # the query itself is in the set
