@@ -113,7 +113,7 @@ def _caption_figure(fig, title: str, notes: list[tuple[str, str]] = ()) -> None:
 
 def _row_base(name: str, spec, size: int) -> dict:
     return {"model": name, "kind": spec.kind, "description": spec.description,
-            "weights": "untrained" if spec.untrained else "real", "input_size": size,
+            "weights": None, "input_size": size,  # real / untrained once the model is built
             "status": "failed", "error": None, "image": None, "onnx": None}
 
 
@@ -127,11 +127,12 @@ def analyse_model(name: str, out: Path, image: Path, size_override: int | None =
 
     from .flow import DEFAULT_DAMP, Analyzer
 
-    spec0 = MODELS[name]
-    size = model_size(name, spec0, size_override)
-    model, spec = build_model(name, size)
+    spec = MODELS[name]
+    size = model_size(name, spec, size_override)
     row = _row_base(name, spec, size)
     try:
+        model, spec = build_model(name, size)
+        row["weights"] = "untrained" if spec.untrained else "real"
         onnx_path = out / "onnx" / f"{name}.onnx"
         t0 = time.perf_counter()
         rep = export(model, onnx_path, (1, 3, size, size), exporter="legacy",
@@ -178,6 +179,7 @@ def analyse_model(name: str, out: Path, image: Path, size_override: int | None =
     except (KeyboardInterrupt, MemoryError):
         raise
     except Exception as exc:  # noqa: BLE001 - one failing model must not stop the gallery
+        plt.close("all")
         row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:1000]
         row["traceback"] = traceback.format_exc(limit=8)
     gc.collect()
@@ -210,7 +212,7 @@ def render_index(doc: dict) -> str:
     rows, figures = [], []
     for r in doc["rows"]:
         weights = ('<span class="untrained">untrained</span>' if r["weights"] == "untrained"
-                   else "real")
+                   else e(r["weights"] or "–"))
         if r["status"] == "ok":
             target = e(r["target_text"])
             if r["kind"] == "embedding":
