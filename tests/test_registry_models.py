@@ -82,7 +82,7 @@ def chelsea_path() -> Path | None:
 def _chelsea() -> Path:
     path = chelsea_path()
     if path is None:
-        pytest.skip("scikit-image data not installed")
+        pytest.fail("scikit-image data not installed (scripts/test.sh installs it)")
     return path
 
 
