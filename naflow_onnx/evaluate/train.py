@@ -41,7 +41,7 @@ PREPROCESS = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "size": 96,
 # Epochs per architecture: the nets sit on a ~50 % plateau (one of the two class factors
 # learned) before the conjunction of shape and texture is found; plain left it in epoch 5,
 # residual in epochs 6-7, the gated net (slowed by its sigmoid gates) later.
-EPOCHS = {"plain": 12, "residual": 12, "conv4": 12, "gated": 16}
+EPOCHS = {"plain": 12, "residual": 12, "conv4": 24, "gated": 16}
 
 DEFAULTS = dict(n_train=4000, n_test=1000, epochs=None, batch_size=64, lr=3e-3, weight_decay=5e-4,
                 seed=0, train_seed=1, test_seed=2, threads=2)
