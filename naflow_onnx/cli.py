@@ -50,6 +50,17 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="CPU threads for torch and onnxruntime (default: their own choice)")
 
 
+def add_backend_options(p: argparse.ArgumentParser, resume_help: str | None = None) -> None:
+    """--backend, --address, --workers (and --resume): naflow_onnx.backends, docs/ray.md."""
+    g = p.add_argument_group("backend (docs/ray.md)")
+    g.add_argument("--backend", choices=["local", "ray"], default="local",
+                   help="local: this process (default); ray: Ray actors, one model each")
+    g.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
+    g.add_argument("--workers", type=int, help="Ray actors (default: the cluster's CPUs)")
+    if resume_help:
+        g.add_argument("--resume", action="store_true", help=resume_help)
+
+
 def analyzer_from_args(args):
     from .flow import DEFAULT_DAMP, Analyzer
     from .graph import DEFAULT_MAX_BYTES
@@ -119,36 +130,164 @@ def similarity_flows(analyzer, image, args, progress=None):
     return flow, partner
 
 
-def cmd_analyze(args) -> int:
-    from tqdm import tqdm
+# run-level options of `analyze`: they do not change any result (not part of the resume key)
+RUN_OPTIONS = ("out", "json", "quiet", "threads", "backend", "address", "workers", "resume",
+               "retries", "debug", "func", "command", "images")
 
-    from .io import atomic_dir, write_flow_files
+
+def check_backend_args(args) -> None:
+    """--address and --workers belong to --backend ray."""
+    if args.backend != "ray":
+        if args.address:
+            raise NAFlowError("--address needs --backend ray")
+        if args.workers is not None:
+            raise NAFlowError("--workers needs --backend ray")
+    if args.workers is not None and args.workers < 1:
+        raise NAFlowError(f"--workers must be >= 1, got {args.workers}")
+
+
+class AnalyzeTask:
+    """One image -> its result files (bytes of flow.json, maps.npz, flow.png, ...) and its summary.
+    A ``naflow_onnx.backends.Task``: the files are rendered where the analysis ran (a Ray actor),
+    written by the driver."""
+
+    def __init__(self, args, segments_bar: bool = False, worker_threads: int | None = None):
+        import os
+        self.options = {k: v for k, v in vars(args).items() if k != "func"}
+        self.cwd = os.getcwd()
+        self.segments_bar = segments_bar
+        self.worker_threads = worker_threads
+        self.analyzer = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "analyzer": None}
+
+    def setup(self) -> None:
+        import os
+        if self.analyzer is not None:
+            return
+        try:
+            os.chdir(self.cwd)      # relative model/image paths mean what they mean to the driver
+        except OSError:
+            raise NAFlowError(f"the folder {self.cwd} does not exist on this node: the ray backend "
+                              "needs the model and images at the same paths on every node") from None
+        args = argparse.Namespace(**{**self.options, "threads": self.options.get("threads")
+                                     or self.worker_threads})
+        self.analyzer = analyzer_from_args(args)
+        if args.threads and self.worker_threads:
+            from .capture import Capture
+            self.analyzer.capture = Capture(self.analyzer.graph.model, args.provider,
+                                            threads=args.threads)
+
+    def __call__(self, item) -> dict:
+        import tempfile
+
+        from tqdm import tqdm
+
+        from .io import write_flow_files
+        image, name = item
+        args = argparse.Namespace(**self.options)
+        with tqdm(total=None, desc=f"segments ({Path(image).name})", leave=False, unit="seg",
+                  disable=None if self.segments_bar else True) as bar:
+            partner = None
+            if any(getattr(args, k) for k in SIMILARITY_OPTIONS):
+                flow, partner = similarity_flows(self.analyzer, image, args, bar.update)
+            else:
+                flow = self.analyzer.analyze(image, target=args.target, method=args.method,
+                                             compare=args.compare, layers=args.layers,
+                                             progress=bar.update)
+        with tempfile.TemporaryDirectory() as d:
+            write_flow_files(flow, Path(d), partner=partner)
+            files = {p.relative_to(d).as_posix(): p.read_bytes()
+                     for p in sorted(Path(d).rglob("*")) if p.is_file()}
+        return {"files": files, "summary": _summary(flow, Path(name or "."))}
+
+
+def _resume_keys(args, analyzer, names: list[str]) -> list[str]:
+    """Per image: sha256 of the model and image contents, every result-changing option and the
+    version (naflow_onnx.resume)."""
+    from . import __version__
+    from .resume import digest, path_digest
+    base = {"version": __version__, "model_sha256": analyzer.graph.sha256,
+            "options": {k: v for k, v in sorted(vars(args).items())
+                        if k not in RUN_OPTIONS and k != "model"}}
+    for k in ("reference", "support", "gallery", "prototypes", "labels"):
+        v = getattr(args, k, None)
+        if v and Path(v).exists():
+            base[f"{k}_sha256"] = path_digest(v)
+    return [digest({**base, "image": str(image), "image_sha256": path_digest(image), "entry": name})
+            for image, name in zip(args.images, names)]
+
+
+def cmd_analyze(args) -> int:
+    from .backends import Failure, run_tasks
+    from .resume import RunState
+    check_backend_args(args)
     out = Path(args.out)
-    analyzer = analyzer_from_args(args)
-    summaries = []
+    analyzer = analyzer_from_args(args)         # the model is validated here, once
     quiet = args.json or args.quiet
-    with atomic_dir(out) as tmp:
-        # progress bars draw on a terminal only (tqdm's disable=None), never into logs
-        for i, image in enumerate(tqdm(args.images, desc="images",
-                                       disable=True if quiet or len(args.images) < 2 else None)):
-            with tqdm(total=None, desc=f"segments ({Path(image).name})",
-                      disable=True if quiet else None, leave=False, unit="seg") as bar:
-                partner = None
-                if any(getattr(args, k) for k in SIMILARITY_OPTIONS):
-                    flow, partner = similarity_flows(analyzer, image, args, bar.update)
-                else:
-                    flow = analyzer.analyze(image, target=args.target, method=args.method,
-                                            compare=args.compare, layers=args.layers,
-                                            progress=bar.update)
-            folder = tmp if len(args.images) == 1 else tmp / f"{i:03d}_{Path(image).stem}"
-            folder.mkdir(exist_ok=True)
-            write_flow_files(flow, folder, partner=partner)
-            final = out if len(args.images) == 1 else out / folder.name
-            summaries.append(_summary(flow, final))
+    many = len(args.images) > 1
+    names = [f"{i:03d}_{Path(image).stem}" for i, image in enumerate(args.images)] if many else [""]
+    local = args.backend == "local"
+    task = AnalyzeTask(args, segments_bar=local and not quiet,
+                       worker_threads=None if local else 1)
+    if local:
+        task.analyzer = analyzer
+    state = RunState(out, resume=args.resume, markers=many)
+    summaries: dict[int, dict] = {}
+    failures: list[dict] = []
+    try:
+        state.open()
+        keys = _resume_keys(args, analyzer, names) if many else [""]
+        todo = []
+        for i, name in enumerate(names):
+            rec = state.lookup(name, keys[i])
+            if rec is not None:
+                summaries[i] = {**rec["summary"], "out": str(out / name)}
+            else:
+                todo.append(i)
+        if state.reused and not quiet:
+            print(f"naflow: --resume: {state.reused} of {len(names)} images already done in "
+                  f"{out}", file=sys.stderr)
+        items = [(args.images[i], names[i]) for i in todo]
+        if not many and local:
+            # one image in this process: errors propagate as they are (--debug tracebacks)
+            results = [(0, task(items[0]))] if items else []
+        else:
+            results = run_tasks(task, items, backend=args.backend, address=args.address,
+                                workers=args.workers, progress=not quiet and len(items) > 1,
+                                desc="images")
+        for j, result in results:
+            i = todo[j]
+            if isinstance(result, Failure):
+                if not many:
+                    raise NAFlowError(result.message)
+                failures.append({"index": i, "image": str(args.images[i]), "error": result.message})
+                continue
+            state.commit(names[i], keys[i], result["files"],
+                         {"image": str(args.images[i]), "summary": result["summary"]})
+            summaries[i] = {**result["summary"], "out": str(out / names[i]) if many else str(out)}
+        if not summaries:
+            first = min(failures, key=lambda f: f["index"])
+            more = f" (and {len(failures) - 1} more images failed)" if len(failures) > 1 else ""
+            where = "" if first["error"].startswith(first["image"]) else f"{first['image']}: "
+            raise NAFlowError(f"{where}{first['error']}{more}")
+        if failures:
+            failures.sort(key=lambda f: f["index"])
+            state.commit("", "", {"failures.json": (json.dumps(
+                {"schema": "naflow-onnx/failures", "schema_version": 1, "images": len(names),
+                 "failed": failures}, indent=2) + "\n").encode()})
+        state.finish()
+    except BaseException:
+        state.abandon()
+        raise
+    ordered = [summaries[i] for i in sorted(summaries)]
     if args.json:
-        print(json.dumps(summaries if len(summaries) > 1 else summaries[0], indent=2))
+        failed = {f["index"]: {"image": f["image"], "error": f["error"]} for f in failures}
+        rows = [summaries.get(i) or failed[i] for i in range(len(names))]
+        print(json.dumps(rows if len(rows) > 1 else rows[0], indent=2))
     else:
-        for s in summaries:
+        for s in ordered:
             if s.get("similarity"):
                 sim = s["similarity"]
                 print(f"{s['image']}: {sim['mode']} -> '{sim['reference']}' (cosine "
@@ -160,7 +299,13 @@ def cmd_analyze(args) -> int:
                   f"{s['layers']} layers mapped; parity {s['parity_max_relative_error']:.2e}; "
                   f"max solver residual {s['solver']['max_convergence']:.1e}; "
                   f"{s['seconds']:.1f} s -> {s['out']}/flow.png")
-    return 0
+    for f in failures:
+        where = "" if f["error"].startswith(f["image"]) else f"{f['image']}: "
+        print(f"naflow: error: {where}{f['error']}", file=sys.stderr)
+    if failures:
+        print(f"naflow: {len(failures)} of {len(names)} images failed; the others are in {out} "
+              f"({out / 'failures.json'})", file=sys.stderr)
+    return 2 if failures else 0
 
 
 def cmd_export(args) -> int:
@@ -254,6 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--top-k", type=int, default=5, help="ranking length written to flow.json")
     a.add_argument("--json", action="store_true", help="print the summary as JSON")
     a.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_backend_options(a, resume_help="skip images whose results are already complete in --out "
+                        "(from a finished, failed or interrupted run with the same model, image "
+                        "and options; docs/ray.md)")
     _add_model_options(a)
     a.set_defaults(func=cmd_analyze)
 
@@ -279,7 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module, function, text in (
             ("check", "check", "main_check", "gate a model on its attention over a set of images (docs/check.md)"),
             ("baseline", "check", "main_baseline", "record a trusted model's maps for `naflow check --baseline`"),
-            ("gallery", "gallery", "main", "export and analyse every registry model (docs/gallery.md)")):
+            ("gallery", "gallery", "main", "export and analyse every registry model (docs/gallery.md)"),
+            ("evaluate", "evaluate.run", "main", "faithfulness and localisation of every layer's map, per method (docs/evaluation.md)")):
         c = sub.add_parser(name, help=text, add_help=False, prefix_chars="\0")
         c.add_argument("argv", nargs=argparse.REMAINDER)
         c.set_defaults(func=_delegate(module, function))

@@ -64,7 +64,8 @@ class Flow:
     compare: str | None = None
     compare_maps: dict[str, np.ndarray] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
-    # with analyze(keep_tensors=True): {"A": ..., "Lambda": ..., "BPFM": ...} torch tensors by name
+    # with analyze(keep_tensors=True): {"A", "Lambda", "BPFM": torch tensors by name, "plan": the
+    # Plan, "env": every detached value of the forward pass (what backproject needs to rerun)}
     tensors: dict | None = field(default=None, repr=False)
 
     @property
@@ -276,7 +277,7 @@ class Analyzer:
                      "layers": layers or "all"},
             skipped=dict(pl.skipped), compare=compare, compare_maps=compare_maps,
             tensors={"A": {t: env[t] for t in pl.data}, "Lambda": lam, "BPFM": bpfm,
-                     "plan": pl} if keep_tensors else None)
+                     "plan": pl, "env": env} if keep_tensors else None)
 
 
 def analyze(model, image, target=None, method: str = "naflow", **options) -> Flow:

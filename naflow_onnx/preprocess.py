@@ -45,16 +45,21 @@ class Preprocess:
 
     def to_input(self, view: np.ndarray) -> np.ndarray:
         """uint8 H×W×3 RGB view -> float32 network input with batch dim 1."""
-        x = view.astype(np.float32)
+        return self.to_batch(view[None])
+
+    def to_batch(self, views: np.ndarray) -> np.ndarray:
+        """uint8 B×H×W×3 RGB views -> float32 network input with batch dim B."""
+        x = views.astype(np.float32)
         if self.channel_order == "BGR":
             x = x[..., ::-1]
         if self.channels == 1:
             x = x.mean(axis=-1, keepdims=True)
         channels = x.shape[-1]
-        mean = np.asarray(self.mean[:channels], np.float32)
-        std = np.asarray(self.std[:channels], np.float32)
-        x = (x / self.divisor - mean) / std
-        x = x[None]
+        mean = np.asarray(self.mean[:channels], np.float64)
+        std = np.asarray(self.std[:channels], np.float64)
+        # (x / divisor - mean) / std as one multiply-add in place
+        x *= (1.0 / (self.divisor * std)).astype(np.float32)
+        x -= (mean / std).astype(np.float32)
         if self.layout == "NCHW":
             x = x.transpose(0, 3, 1, 2)
         return np.ascontiguousarray(x, dtype=np.float32)

@@ -200,8 +200,12 @@ def deletion_insertion_curve(prob_fn: Callable[[np.ndarray], np.ndarray], image,
     if mode not in ("deletion", "insertion"):
         raise ValueError(mode)
     sub = _substrate(img, baseline, blur_sigma)
-    src = img.astype(np.float64).reshape(n, C)
-    sub = sub.reshape(n, C)
+    if img.dtype == np.uint8:   # every perturbed pixel is one of the two: round once
+        src = img.reshape(n, C)
+        sub = np.clip(np.rint(sub), 0, 255).astype(np.uint8).reshape(n, C)
+    else:
+        src = img.astype(np.float64).reshape(n, C)
+        sub = sub.reshape(n, C)
     start, end = (src, sub) if mode == "deletion" else (sub, src)
     order = _order(m, (H, W), seed)
     counts = np.ceil(np.arange(steps + 1) * n / steps).astype(int)
@@ -212,9 +216,7 @@ def deletion_insertion_curve(prob_fn: Callable[[np.ndarray], np.ndarray], image,
         ks = counts[b0:b0 + batch_size]
         changed = rank[None, :] < ks[:, None]                      # [B, n]
         batch = np.where(changed[..., None], end[None], start[None]).reshape(len(ks), H, W, C)
-        if img.dtype == np.uint8:
-            batch = np.clip(np.rint(batch), 0, 255).astype(np.uint8)
-        else:
+        if img.dtype != np.uint8:
             batch = batch.astype(img.dtype, copy=False)
         p = np.asarray(prob_fn(batch), dtype=np.float64).reshape(-1)
         if p.shape[0] != len(ks):

@@ -1,0 +1,143 @@
+"""``naflow evaluate``: the per-layer benchmark on a shipped synthetic net and on MobileNetV2.
+
+One evaluation per model is shared by all assertions (module fixtures)."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+
+from naflow_onnx.evaluate.report import stage_of
+from naflow_onnx.evaluate.run import cascade_steps, main
+
+from conftest import ROOT
+from test_cli import run_cli
+
+PLAIN = ROOT / "models" / "synth_plain.onnx"
+N_IMAGES = 6
+
+
+@pytest.fixture(scope="module")
+def plain_eval(tmp_path_factory):
+    out = tmp_path_factory.mktemp("evaluate") / "plain"
+    rc = main([str(PLAIN), "--out", str(out), "--n", str(N_IMAGES), "--randomise-images", "3",
+               "--randomise-steps", "3", "--quiet"])
+    assert rc == 0
+    doc = json.loads((out / "evaluation.json").read_text())
+    npz = dict(np.load(out / "per_image.npz"))
+    return out, doc, npz
+
+
+def test_cascade_and_stages():
+    assert cascade_steps(6, 4) == [1, 3, 4, 6]
+    assert cascade_steps(6, 1) == [6]
+    assert cascade_steps(2, 4) == [1, 2]
+    assert cascade_steps(0, 4) == []
+    st = stage_of(10, 9)
+    assert st == ["early"] * 3 + ["middle"] * 3 + ["late"] * 3 + ["final"]
+
+
+def test_files_and_schema(plain_eval):
+    out, doc, npz = plain_eval
+    assert sorted(p.name for p in out.iterdir()) == ["evaluation.json", "metrics.csv", "metrics.png",
+                                                    "per_image.npz", "summary.md"]
+    assert doc["schema"] == "naflow-onnx/evaluation" and doc["schema_version"] == 1
+    names = [v["name"] for v in doc["variants"]]
+    assert names == ["naflow", "reference", "gradcam", "layercam", "gradxact"]
+    L = len(doc["layers"])
+    assert L == 14 and doc["images"]["evaluated"] == N_IMAGES and doc["images"]["failed"] == 0
+    assert npz["scores"].shape == (N_IMAGES, 5, L, 4)
+    assert npz["randomisation"].shape == (N_IMAGES, 3, 5, L)
+    assert np.isfinite(npz["randomisation"][:3]).any() and np.isnan(npz["randomisation"][3:]).all()
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert len(rows) == 5 * L * 5            # variants x layers x (4 metrics + randomisation)
+    r = next(r for r in rows if r["variant"] == "gradcam" and r["metric"] == "energy" and r["layer_index"] == "3")
+    assert math.isclose(float(r["mean"]), doc["per_layer"]["energy"]["gradcam"]["mean"][3], rel_tol=1e-5)
+    assert [la["stage"] for la in doc["layers"]][-1] == "final" and doc["layers"][-1]["final"]
+    # the shipped net classifies the benchmark images (it was trained to >= 95 %)
+    assert doc["images"]["accuracy"] >= 5 / 6
+    assert doc["solver"]["naflow"]["all_converged"] and doc["solver"]["naflow"]["max_convergence"] <= 1e-4
+
+
+def test_scores_are_in_range_and_consistent(plain_eval):
+    _, doc, npz = plain_eval
+    s = npz["scores"]
+    assert np.nanmin(s) >= 0 and np.nanmax(s) <= 1
+    pointing = s[..., 1]
+    assert set(np.unique(pointing[np.isfinite(pointing)])) <= {0.0, 1.0} or np.all((pointing >= 0) & (pointing <= 1))
+    # METHOD.md §8: the final layer's NAFlow map is Grad-CAM's, so every metric agrees there
+    v = list(npz["variants"])
+    fin = -1
+    np.testing.assert_allclose(s[:, v.index("naflow"), fin], s[:, v.index("gradcam"), fin], atol=2e-3)
+    # after a ReLU (A >= 0) the released code's map equals LayerCAM's: identical scores
+    relu = [j for j, la in enumerate(doc["layers"]) if la["op_type"] == "Relu"]
+    assert relu
+    np.testing.assert_array_equal(s[:, v.index("reference")][:, relu], s[:, v.index("layercam")][:, relu])
+
+
+def test_maps_localise_and_are_faithful(plain_eval):
+    """Real properties of a net that looks at the target: final-layer maps put far more mass on
+    the object than its area, and deleting by the map drops the class faster than inserting
+    by it raises it from the blurred image (deletion AUC < insertion AUC)."""
+    _, doc, npz = plain_eval
+    frac = doc["images"]["mean_mask_fraction"]
+    assert 0.03 < frac < 0.2
+    for name in ("naflow", "gradcam", "layercam"):
+        assert doc["stages"]["energy"][name]["final"] > 2 * frac
+        assert doc["stages"]["deletion"][name]["final"] < doc["stages"]["insertion"][name]["final"]
+
+
+def test_randomisation_destroys_the_maps(plain_eval):
+    """Adebayo et al.: with every weight layer randomised the maps must no longer match."""
+    _, doc, _ = plain_eval
+    full = doc["stages"]["randomisation"]
+    for name in ("naflow", "gradcam", "layercam"):
+        assert full[name]["final"] < 0.5, (name, full[name])
+    cascade = doc["randomisation"]["cascade"]
+    assert [c["k"] for c in cascade] == [1, 4, 6]
+
+
+def test_damping_variants_and_cli(tmp_path):
+    out = tmp_path / "damps"
+    rc, stdout, stderr = run_cli("evaluate", PLAIN, "--out", out, "--n", "2", "--methods", "naflow,gradcam",
+                                 "--damps", "0.1,inf", "--randomise-images", "0", "--steps", "5")
+    assert rc == 0, stderr
+    doc = json.loads((out / "evaluation.json").read_text())
+    assert [v["name"] for v in doc["variants"]] == ["naflow@t=0.1", "naflow@t=inf", "gradcam"]
+    assert doc["variants"][1]["damp"] == "inf" and "randomisation" not in doc["metrics"]
+    assert "energy inside the mask" in stdout
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["--methods", "naflow,bogus"], "--methods: unknown bogus"),
+    (["--dataset", "missing.npz"], "data set not found"),
+    (["--methods", "gradcam", "--damps", "0.1"], "--damps needs naflow"),
+    (["--damps", "0.1,x"], "'x' is not a number"),
+    (["--dataset", "photos", "--photos", "nosuch"], "unknown photo(s) nosuch"),
+])
+def test_bad_arguments(tmp_path, args, expect):
+    out = tmp_path / "out"
+    rc, stdout, stderr = run_cli("evaluate", PLAIN, "--out", out, "--n", "1", *args)
+    assert rc == 2 and expect in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert not out.exists()
+
+
+def test_photos_on_mobilenet(mobilenet_onnx, tmp_path):
+    """The real-photo benchmark on the real MobileNetV2 (a few layers, to keep CI short):
+    the cat box holds most of every method's final map, and naflow's final map equals Grad-CAM's."""
+    out = tmp_path / "photos"
+    rc = main([str(mobilenet_onnx), "--out", str(out), "--dataset", "photos", "--photos", "chelsea,coffee",
+               "--layers", "op:Add", "--methods", "naflow,gradcam,layercam", "--steps", "8",
+               "--randomise-images", "0", "--quiet"])
+    assert rc == 0
+    doc = json.loads((out / "evaluation.json").read_text())
+    npz = dict(np.load(out / "per_image.npz"))
+    assert doc["dataset"]["photos"] == ["chelsea", "coffee"] and npz["predicted"][0] == 285
+    assert len(doc["layers"]) == 11     # the 10 residual Adds + the final layer
+    s = npz["scores"]
+    np.testing.assert_allclose(s[:, 0, -1], s[:, 1, -1], atol=2e-3)
+    # chelsea: the box covers most of the frame, so energy there is high for every method
+    assert (s[0, :, -1, 0] > 0.8).all()
