@@ -3,7 +3,7 @@
     python bench/perf.py [--models mobilenet-v2,resnet18,...] [--sizes 112,224,448] [--batch 8]
                          [--repeats 3] [--device cpu|cuda] [--provider auto|cpu|cuda] [--threads 1]
                          [--out bench/results/perf.json] [--cache /tmp/naflow-bench]
-                         [--quick | --full] [--profile MODEL:SIZE]
+                         [--quick | --full] [--profile MODEL:SIZE] [--baseline DIR]
 
 For every model and input size, side by side in one run, each in its own fresh subprocess (so
 that the peak-memory figure belongs to that measurement alone):
@@ -18,6 +18,9 @@ that the peak-memory figure belongs to that measurement alone):
   gradcam      Analyzer.analyze(image, method="gradcam"): one F+B capturing every layer, plus
                onnxruntime capture, parity check and image loading (also: image loading alone)
   naflow       Analyzer.analyze(image, method="naflow"): the full flow
+  naflow_baseline  (with --baseline DIR) the same measurement by DIR/bench/perf.py's worker, i.e.
+               with DIR's naflow_onnx (another commit), right after ``naflow``: before/after in
+               one run on the same machine state
 
 Times are wall-clock medians over --repeats calls on the same image after one warm-up call (the
 warm-up is reported as ``cold_ms``). The reuse case: --batch sequential analyze calls on one
@@ -382,11 +385,13 @@ def worker(task: dict) -> dict:
 
 
 # -------------------------------------------------------------------------------------- main
-def run_task(task: dict, timeout: float | None) -> dict:
+def run_task(task: dict, timeout: float | None, script: Path | None = None) -> dict:
+    """One measurement in a fresh subprocess: this script's worker, or ``script``'s (the
+    bench/perf.py of a --baseline checkout, which imports that checkout's naflow_onnx)."""
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[var] = str(task["threads"])
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(task)]
+    cmd = [sys.executable, str(script or Path(__file__).resolve()), "--worker", json.dumps(task)]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
@@ -447,6 +452,18 @@ def summarise(entry: dict) -> dict:
     mem_key = "cuda_peak_mb" if entry["device"].startswith("cuda") else "peak_delta_mb"
     for kind in KINDS:
         row[f"{kind}_peak_mb"] = ((m.get(kind) or {}).get("memory") or {}).get(mem_key)
+    base = m.get("naflow_baseline") or {}
+    if base:
+        row["baseline_ms"], row["baseline_cpu_ms"] = base.get("median_ms"), base.get("cpu_median_ms")
+        bc = row["baseline_cpu_ms"]
+        row["baseline_over_fb_cpu"] = bc / fbc if bc and fbc else None
+        row["baseline_over_fb"] = row["baseline_ms"] / fb if row["baseline_ms"] and fb else None
+        row["speedup_cpu"] = bc / nfc if bc and nfc else None
+        row["speedup"] = row["baseline_ms"] / nf if row["baseline_ms"] and nf else None
+        bs = base.get("solver") or {}
+        row["baseline_cgls_iterations"] = bs.get("cgls_iterations")
+        row["baseline_residual_max"] = bs.get("residual_max")
+        row["baseline_error"] = base.get("error")
     solver = nfm.get("solver") or {}
     row["residual_min"] = solver.get("residual_min")
     row["residual_median"] = solver.get("residual_median")
@@ -454,6 +471,29 @@ def summarise(entry: dict) -> dict:
     row["cgls_iterations"] = solver.get("cgls_iterations")
     row["all_converged"] = solver.get("all_converged")
     return row
+
+
+def residual_lines(entries: list[dict]) -> str:
+    """The solver residual distribution (normal-equation residual, METHOD.md §4) of every
+    NAFlow measurement: the timed image and the batch images."""
+    lines = ["solver convergence (normal-equation residual; tolerance 1e-4):"]
+    for e in entries:
+        nfm = e["measurements"].get("naflow") or {}
+        st = nfm.get("solver") or {}
+        if not st:
+            continue
+        b = nfm.get("batch") or {}
+        extra = ""
+        if b.get("residual_max"):
+            extra = (f"; batch of {len(b['residual_max'])}: worst {max(b['residual_max']):.2e}, "
+                     f"all converged {b.get('all_converged')}, CGLS iterations "
+                     f"{min(b['cgls_iterations'])}-{max(b['cgls_iterations'])}")
+        lines.append(f"  {e['model']} {e['size']}: {st['solved']} solved nodes ({st['cgls_nodes']} CGLS, "
+                     f"kinds {st['kinds']}), residual min {st['residual_min']:.1e} / median "
+                     f"{st['residual_median']:.1e} / max {st['residual_max']:.1e}, all converged "
+                     f"{st['all_converged']}, {st['cgls_iterations']} CGLS iterations (max "
+                     f"{st['cgls_iterations_max']} on one node){extra}")
+    return "\n".join(lines)
 
 
 def table(entries: list[dict]) -> str:
@@ -480,6 +520,28 @@ def table(entries: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def baseline_table(entries: list[dict]) -> str:
+    """Before/after: NAFlow of the --baseline checkout and of this one, measured in the same run."""
+    head = ("| model | size | F+B ms (CPU) | NAFlow before ms (CPU) | before/(F+B) (CPU) | "
+            "NAFlow after ms (CPU) | after/(F+B) (CPU) | speed-up (CPU) | CGLS iters before / after | "
+            "residual max before / after |")
+    lines = [head, "|" + "|".join([" --- "] * (head.count("|") - 1)) + "|"]
+    for e in entries:
+        s = e["summary"]
+        if "baseline_ms" not in s:
+            continue
+        lines.append(
+            f"| {e['model']} | {e['size']} | {fmt(s['fb_ms'])} ({fmt(s['fb_cpu_ms'])}) | "
+            f"{fmt(s['baseline_ms'])} ({fmt(s['baseline_cpu_ms'])}) | "
+            f"{fmt(s['baseline_over_fb'], '.1f')} ({fmt(s['baseline_over_fb_cpu'], '.1f')}) | "
+            f"{fmt(s['naflow_ms'])} ({fmt(s['naflow_cpu_ms'])}) | "
+            f"{fmt(s['naflow_over_fb'], '.1f')} ({fmt(s['naflow_over_fb_cpu'], '.1f')}) | "
+            f"{fmt(s['speedup'], '.2f')} ({fmt(s['speedup_cpu'], '.2f')}) | "
+            f"{fmt(s['baseline_cgls_iterations'], 'd')} / {fmt(s['cgls_iterations'], 'd')} | "
+            f"{fmt(s['baseline_residual_max'], '.1e')} / {fmt(s['residual_max'], '.1e')} |")
+    return "\n".join(lines)
+
+
 def write_results(out_path: Path, meta: dict, entries: list, skipped: list, models: list,
                   t_start: float, complete: bool) -> dict:
     """Write the JSON (also after every model/size, so that a killed run leaves its results)."""
@@ -487,9 +549,9 @@ def write_results(out_path: Path, meta: dict, entries: list, skipped: list, mode
     for name in models:
         rows = [e for e in entries if e["model"] == name]
         exponents[name] = {
-            key: fit_exponent([(e["size"], e["summary"][key]) for e in rows])
+            key: fit_exponent([(e["size"], e["summary"].get(key)) for e in rows])
             for key in ("ort_plain_ms", "ort_capture_ms", "fb_ms", "gradcam_ms", "gradcam_pure_ms",
-                        "naflow_ms", "naflow_cpu_ms", "fb_cpu_ms")}
+                        "naflow_ms", "naflow_cpu_ms", "fb_cpu_ms", "baseline_ms", "baseline_cpu_ms")}
         exponents[name]["sizes"] = [e["size"] for e in rows]
     meta["loadavg_end"] = loadavg()
     meta["workers_cpu_s"] = round(sum(r.get("worker_cpu_s", 0) for e in entries
@@ -564,6 +626,10 @@ def main(argv=None) -> int:
     ap.add_argument("--full", action="store_true",
                     help="all five models at 112,224,448 (long: see bench/README.md)")
     ap.add_argument("--timeout", type=float, default=3600, help="per-measurement subprocess limit, s")
+    ap.add_argument("--baseline", metavar="DIR",
+                    help="another checkout of this project (e.g. `git archive COMMIT | tar -x -C DIR`): "
+                         "its NAFlow is measured too, right after this one's, in the same run, and a "
+                         "before/after table is printed")
     ap.add_argument("--profile", metavar="MODEL[:SIZE]",
                     help="instead: cProfile one warm naflow analyze and print the top functions")
     ap.add_argument("--profile-top", type=int, default=30)
@@ -609,6 +675,12 @@ def main(argv=None) -> int:
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if args.device.startswith("cuda"):
         meta["gpu"] = torch.cuda.get_device_name(0)
+    baseline = None
+    if args.baseline:
+        baseline = Path(args.baseline).resolve() / "bench" / "perf.py"
+        if not baseline.is_file():
+            sys.exit(f"--baseline {args.baseline}: no bench/perf.py there")
+        meta["baseline"] = str(baseline.parent.parent)
     print(f"naflow perf bench: {len(models)} model(s) x sizes {sizes}, repeats {repeats}, batch {batch}, "
           f"threads {args.threads}, device {args.device}, load average {meta['loadavg_start']}", flush=True)
     t_start = time.perf_counter()
@@ -628,11 +700,15 @@ def main(argv=None) -> int:
                         "provider": args.provider, "threads": args.threads, "repeats": repeats,
                         "batch": batch if kind in ("gradcam", "naflow", "ort_plain") else 0,
                         "images": images}
-                r = run_task(task, args.timeout)
-                entry["measurements"][kind] = r
-                msg = r.get("error") or (f"{r['median_ms']:.1f} ms (cold {r['cold_ms']:.0f}), "
-                                         f"load {r['loadavg_end'][0]}")
-                print(f"  {name:<18} {size:>4} {kind:<12} {msg}", flush=True)
+                runs = [(kind, None)]
+                if kind == "naflow" and baseline is not None:
+                    runs.append(("naflow_baseline", baseline))
+                for key, script in runs:
+                    r = run_task(task, args.timeout, script)
+                    entry["measurements"][key] = r
+                    msg = r.get("error") or (f"{r['median_ms']:.1f} ms (cold {r['cold_ms']:.0f}, "
+                                             f"CPU {r['cpu_median_ms']:.1f}), load {r['loadavg_end'][0]}")
+                    print(f"  {name:<18} {size:>4} {key:<15} {msg}", flush=True)
             entry["summary"] = summarise(entry)
             entries.append(entry)
             write_results(Path(args.out), meta, entries, skipped, models, t_start, complete=False)
@@ -641,12 +717,22 @@ def main(argv=None) -> int:
     print()
     print(table(entries))
     print()
+    if baseline is not None:
+        print(f"before (--baseline {meta['baseline']}) and after, measured in this run:")
+        print(baseline_table(entries))
+        print()
+    print(residual_lines(entries))
+    print()
     exp_lines = []
     for name, ex in out["time_exponents"].items():
         if ex["naflow_ms"] is not None:
-            exp_lines.append(f"{name} ({','.join(map(str, ex['sizes']))}): NAFlow {ex['naflow_ms']:.2f}, "
-                             f"F+B {fmt(ex['fb_ms'], '.2f')}, Grad-CAM {fmt(ex['gradcam_ms'], '.2f')}, "
-                             f"ORT fwd {fmt(ex['ort_plain_ms'], '.2f')}")
+            exp_lines.append(f"{name} ({','.join(map(str, ex['sizes']))}): NAFlow {ex['naflow_ms']:.2f} "
+                             f"(CPU time {fmt(ex['naflow_cpu_ms'], '.2f')}), "
+                             f"F+B {fmt(ex['fb_ms'], '.2f')} (CPU time {fmt(ex['fb_cpu_ms'], '.2f')}), "
+                             f"Grad-CAM {fmt(ex['gradcam_ms'], '.2f')}, "
+                             f"ORT fwd {fmt(ex['ort_plain_ms'], '.2f')}"
+                             + (f", NAFlow before {fmt(ex['baseline_ms'], '.2f')}"
+                                if ex.get("baseline_ms") is not None else ""))
     if exp_lines:
         print("time exponent (time ~ pixels^k): " + "; ".join(exp_lines))
     for s in skipped:

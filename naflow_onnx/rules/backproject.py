@@ -18,7 +18,8 @@ from ..errors import UnsupportedOpError
 from ..forward import run_nodes
 from ..graph import ModelGraph, Plan, Segment
 from . import RuleContext, rule_for
-from .solver import SolverOptions, SolveRecord, solve_affine
+from .linearize import SegmentMap
+from .solver import SolverOptions, SolveRecord, reference_mode, solve_affine
 
 
 def segment_function(mg: ModelGraph, env: dict, seg: Segment) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -85,8 +86,10 @@ class BackProjection:
     def _joint(self, seg: Segment) -> None:
         mg, env = self.mg, self.env
         f = segment_function(mg, env, seg)
+        # J linearised once at the forward point (reference mode: torch.func on the whole segment)
+        J = None if reference_mode() else SegmentMap(mg, env, seg.nodes, seg.input, seg.output)
         x_hat, rec = solve_affine(f, env[seg.input], self.bpfm[seg.output], self.opts,
-                                  f"segment {seg.id} ({seg.input} -> {seg.output})")
+                                  f"segment {seg.id} ({seg.input} -> {seg.output})", J=J)
         self.bpfm[seg.input] = self.abandon(seg.input, x_hat)
         self.records[seg.input] = {"rule": "segment", "segment": seg.id, "nodes": len(seg.nodes),
                                    **rec.as_dict()}
@@ -106,6 +109,8 @@ class BackProjection:
             if not any(o in self.bpfm for o in node.outputs):
                 continue  # a gate branch: gates get no BPFM
             ctx = self._context(node)
+            if all(t == seg.input for t in ctx.data_inputs):
+                continue  # its only candidate would be for the segment input, already solved
             if len(ctx.data_inputs) == 2 and node.op_type in ("Add", "Sub") and ctx.gate is None:
                 short = min(ctx.data_inputs, key=upstream)
                 if short not in self.bpfm:

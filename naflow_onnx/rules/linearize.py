@@ -1,0 +1,221 @@
+"""J of a rebuilt subgraph (a joint segment, METHOD.md §5) at its forward point, linearised once.
+
+``torch.func.jvp`` of the whole segment re-runs the segment's primal forward on every J·v, and
+forward-mode AD of ``clamp`` costs as much as a convolution. Here each node of the segment is
+linearised once per forward point instead:
+
+- element-wise ops with one tangent input (activations, Clip, BatchNormalization, Add/Sub/Mul/Div
+  by a constant, ...): the diagonal ``f'(x0)``, taken from one JVP with a tangent of ones, so that
+  the derivative convention at kinks is torch's own; J·v = d ⊙ v, Jᵀ·u = d ⊙ u;
+- Conv with constant weights: the convolution without its bias (J·v), ``conv2d_input`` (Jᵀ·u);
+- Add/Sub of two tangent tensors (the residual join): a sum, and its adjoint (reduced over any
+  broadcast dimension); Mul of two tangent tensors (a gate computed from the segment input): the
+  product rule at the forward values;
+- any other node: ``torch.func.jvp`` / a ``torch.func.vjp`` closure of that node alone (its VJP
+  closure is built once and reused).
+
+Tangents flow only through tensors that depend on the segment input; everything else is read
+from the forward activations. The result is the same linear map as autograd's Jacobian of the
+segment (tests compare both), applied at the cost of one linear pass instead of a forward pass
+plus a tangent pass.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.func import jvp, vjp
+
+from ..rebuild import scalar
+from .affine import ConvAdjoint
+from .solver import LinearMap
+
+ELEMENTWISE = frozenset({
+    "Relu", "Clip", "LeakyRelu", "PRelu", "Elu", "Selu", "Sigmoid", "HardSigmoid", "HardSwish",
+    "Tanh", "Softplus", "Exp", "Log", "Sqrt", "Neg", "Abs", "Reciprocal", "Erf",
+    "BatchNormalization", "Add", "Sub", "Mul", "Div", "Identity", "Dropout",
+})
+
+
+def _reduce_to(t: torch.Tensor, shape) -> torch.Tensor:
+    """Sum ``t`` over the dimensions that broadcasting expanded to reach it from ``shape``."""
+    shape = tuple(shape)
+    if tuple(t.shape) == shape:
+        return t
+    lead = t.dim() - len(shape)
+    if lead:
+        t = t.sum(dim=tuple(range(lead)))
+    dims = tuple(i for i, n in enumerate(shape) if n == 1 and t.shape[i] != 1)
+    return t.sum(dim=dims, keepdim=True) if dims else t
+
+
+def _mask(node, env, x0, y0):
+    """f'(x0) of Relu and Clip without a JVP, with torch's own convention at the kinks
+    (relu: result > 0; clamp: min <= x <= max, derivatives.yaml)."""
+    if node.op_type == "Relu":
+        return (y0 > 0).to(x0.dtype)
+    if node.op_type == "Clip":
+        if node.opset < 11:
+            lo, hi = node.attr("min"), node.attr("max")
+        else:
+            ins = node.inputs
+            lo = scalar(env[ins[1]]) if len(ins) > 1 and ins[1] else None
+            hi = scalar(env[ins[2]]) if len(ins) > 2 and ins[2] else None
+        keep = torch.ones_like(x0, dtype=torch.bool)
+        if lo is not None:
+            keep &= x0 >= lo
+        if hi is not None:
+            keep &= x0 <= hi
+        return keep.to(x0.dtype)
+    return None
+
+
+class _Step:
+    __slots__ = ("kind", "ins", "outs", "data")
+
+    def __init__(self, kind, ins, outs, data):
+        self.kind, self.ins, self.outs, self.data = kind, ins, outs, data
+
+
+def _node_fn(node, env, tangent_inputs, out_names):
+    """The node as a function of its tangent inputs (others fixed at their forward values)."""
+    def f(*xs):
+        local = dict(zip(tangent_inputs, xs))
+        args = [local[t] if t in local else (env[t] if t else None) for t in node.inputs]
+        outs = node.run(args)
+        res = tuple(outs[node.outputs.index(o)] for o in out_names)
+        return res[0] if len(res) == 1 else res
+    return f
+
+
+class SegmentMap(LinearMap):
+    """J of the nodes ``node_ids`` (forward order) from tensor ``input`` to tensor ``output``,
+    with every other tensor at its value in ``env`` (the forward activations)."""
+
+    def __init__(self, mg, env: dict, node_ids, input: str, output: str):
+        self.x0 = env[input].detach()
+        self.y0 = env[output].detach()
+        self.input, self.output = input, output
+        self.steps: list[_Step] = []
+        tangent = {input}
+        for idx in node_ids:
+            node = mg.nodes[idx]
+            ins = [t for t in dict.fromkeys(node.inputs) if t in tangent]
+            outs = [o for o in node.outputs if o and isinstance(env.get(o), torch.Tensor)
+                    and env[o].is_floating_point()]
+            if not ins or not outs:
+                continue
+            self.steps.append(self._linearise(node, env, ins, outs))
+            tangent.update(outs)
+
+    @staticmethod
+    def _linearise(node, env, ins, outs) -> _Step:
+        op = node.op_type
+        if (len(ins) == 1 and len(outs) == 1 and op in ELEMENTWISE
+                and env[outs[0]].shape == env[ins[0]].shape
+                and len([o for o in node.outputs if o]) == 1):
+            x0 = env[ins[0]]
+            d = _mask(node, env, x0, env[outs[0]]) if ins[0] == node.inputs[0] else None
+            if d is None:
+                _, d = jvp(_node_fn(node, env, ins, outs), (x0,), (torch.ones_like(x0),))
+                d = d.detach()
+            if bool(torch.all(d == 1)):
+                return _Step("copy", ins, outs, None)
+            return _Step("diag", ins, outs, d)
+        if op == "Conv" and ins == [node.inputs[0]] and len(outs) == 1:
+            x0 = env[ins[0]]
+            w = env[node.inputs[1]]
+            pads = list(node.attr("pads", [0, 0, 0, 0]))
+            if (x0.dim() == 4 and node.attr("auto_pad", "NOTSET") == "NOTSET"
+                    and pads[:2] == pads[2:]):
+                conv = (list(node.attr("strides", [1, 1])), pads[:2],
+                        list(node.attr("dilations", [1, 1])), int(node.attr("group", 1)))
+                return _Step("conv2d", ins, outs, (w, conv, ConvAdjoint(w, x0.shape, *conv)))
+            lin = lambda v, node=node, w=w: node.run([v, w])[0]  # noqa: E731 - bias dropped: linear
+            _, back = vjp(lin, x0)
+            return _Step("linear", ins, outs, (lin, back))
+        if op in ("Add", "Sub") and len(ins) == 2 and len(outs) == 1:
+            shapes = tuple(tuple(env[t].shape) for t in ins)   # ins keep the node's order
+            sign = -1.0 if op == "Sub" else 1.0
+            return _Step("add2", ins, outs, (sign, shapes))
+        if op == "Mul" and len(ins) == 2 and len(outs) == 1:
+            a0, b0 = env[ins[0]], env[ins[1]]
+            return _Step("mul2", ins, outs, (a0, b0))
+        f = _node_fn(node, env, ins, outs)
+        primals = tuple(env[t] for t in ins)
+        _, back = vjp(f, *primals)
+        return _Step("generic", ins, outs, (f, primals, back))
+
+    # ------------------------------------------------------------------------------ J·v
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        tan = {self.input: v}
+        for s in self.steps:
+            kind = s.kind
+            if kind == "diag":
+                tan[s.outs[0]] = s.data * tan[s.ins[0]]
+            elif kind == "copy":
+                tan[s.outs[0]] = tan[s.ins[0]]
+            elif kind == "conv2d":
+                w, (stride, pad, dil, groups), _ = s.data
+                tan[s.outs[0]] = F.conv2d(tan[s.ins[0]], w, None, stride, pad, dil, groups)
+            elif kind == "linear":
+                tan[s.outs[0]] = s.data[0](tan[s.ins[0]])
+            elif kind == "add2":
+                a, b = tan[s.ins[0]], tan[s.ins[1]]
+                tan[s.outs[0]] = a + b if s.data[0] > 0 else a - b
+            elif kind == "mul2":
+                a0, b0 = s.data
+                tan[s.outs[0]] = tan[s.ins[0]] * b0 + a0 * tan[s.ins[1]]
+            else:
+                f, primals, _ = s.data
+                out = jvp(f, primals, tuple(tan[t] for t in s.ins))[1]
+                for o, t in zip(s.outs, out if isinstance(out, tuple) else (out,)):
+                    tan[o] = t
+        out = tan.get(self.output)
+        return torch.zeros_like(self.y0) if out is None else out
+
+    # ------------------------------------------------------------------------------ Jᵀ·u
+    def rmatvec(self, u: torch.Tensor) -> torch.Tensor:
+        cot = {self.output: u}
+
+        def give(name, value):
+            have = cot.get(name)
+            cot[name] = value if have is None else have + value
+
+        for s in reversed(self.steps):
+            gs = [cot.pop(o, None) for o in s.outs]
+            if all(g is None for g in gs):
+                continue
+            kind = s.kind
+            if kind == "diag":
+                give(s.ins[0], s.data * gs[0])
+            elif kind == "copy":
+                give(s.ins[0], gs[0])
+            elif kind == "conv2d":
+                give(s.ins[0], s.data[2](gs[0]))
+            elif kind == "linear":
+                give(s.ins[0], s.data[1](gs[0])[0])
+            elif kind == "add2":
+                sign, shapes = s.data
+                give(s.ins[0], _reduce_to(gs[0], shapes[0]))
+                give(s.ins[1], _reduce_to(gs[0] if sign > 0 else -gs[0], shapes[1]))
+            elif kind == "mul2":
+                a0, b0 = s.data
+                give(s.ins[0], _reduce_to(gs[0] * b0, a0.shape))
+                give(s.ins[1], _reduce_to(gs[0] * a0, b0.shape))
+            else:
+                f, primals, back = s.data
+                outs0 = [self._zeros_like_out(s, i, g) for i, g in enumerate(gs)]
+                res = back(outs0[0] if len(outs0) == 1 else tuple(outs0))
+                for t, g in zip(s.ins, res):
+                    give(t, g)
+        out = cot.get(self.input)
+        return torch.zeros_like(self.x0) if out is None else out
+
+    @staticmethod
+    def _zeros_like_out(step, i, g):
+        if g is not None:
+            return g
+        f, primals, _ = step.data
+        ref = f(*primals)
+        ref = ref[i] if isinstance(ref, tuple) else ref
+        return torch.zeros_like(ref)
