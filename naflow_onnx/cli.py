@@ -246,7 +246,7 @@ def cmd_analyze(args) -> int:
                 summaries[i] = {**rec["summary"], "out": str(out / name)}
             else:
                 todo.append(i)
-        if state.reused and not quiet:
+        if state.reused and not args.quiet:
             print(f"naflow: --resume: {state.reused} of {len(names)} images already done in "
                   f"{out}", file=sys.stderr)
         items = [(args.images[i], names[i]) for i in todo]

@@ -125,14 +125,129 @@ def _task_sanity(image: str, target: int, count: int, seed: int):
     return _safe(_sanity_flow, _WORKER["spec"], Path(image), target, count, seed)
 
 
-class Runner:
-    """Runs analyses serially (jobs = 1, this process's Analyzer) or in a process pool whose
-    workers each build their Analyzer once."""
+class CheckTask:
+    """One (image, target) -> ``_safe``'s (status, flow-or-message) on a backend worker
+    (``naflow_onnx.backends.Task``): the worker builds its Analyzer once in ``setup``."""
 
-    def __init__(self, analyzer, spec: Spec, jobs: int):
+    def __init__(self, spec: Spec):
+        self.spec, self.cwd, self.analyzer = spec, os.getcwd(), None
+
+    def __getstate__(self):
+        return {**self.__dict__, "analyzer": None}
+
+    def setup(self) -> None:
+        import torch
+        try:
+            os.chdir(self.cwd)      # relative paths mean what they mean to the driver
+        except OSError:
+            raise NAFlowError(f"the folder {self.cwd} does not exist on this node: the ray backend "
+                              "needs the model and images at the same paths on every node") from None
+        if self.spec.threads:
+            torch.set_num_threads(self.spec.threads)
+        self.analyzer = self.spec.analyzer()
+
+    def __call__(self, item):
+        image, target = item
+        return _safe(lambda: analyse(self.analyzer, self.spec, Path(image), target))
+
+
+# ------------------------------------------------------------------------------------------------
+# the per-image flow cache of --resume (naflow_onnx.resume): OUT/.naflow-cache/<entry>/
+
+CACHE_DIR = ".naflow-cache"
+_FLOW_KEYS = ("model", "input", "preprocess", "target", "method", "compare", "options", "parity",
+              "timings", "layers", "skipped")
+_DERIVED_KEYS = ("schema", "schema_version", "final_layer", "solver_summary")
+
+
+def _npz_bytes(arrays: dict) -> bytes:
+    import tempfile
+
+    from ..io import write_npz
+    with tempfile.TemporaryDirectory() as d:
+        write_npz(Path(d) / "a.npz", arrays)
+        return (Path(d) / "a.npz").read_bytes()
+
+
+def flow_files(flow) -> dict[str, bytes]:
+    """A flow as files: flow.json (Flow.to_json), maps.npz, compare_maps.npz, image.npy."""
+    import io as _io
+
+    import numpy as np
+    files = {"flow.json": json.dumps(flow.to_json(), allow_nan=True).encode(),
+             "maps.npz": _npz_bytes(flow.maps)}
+    if flow.compare_maps:
+        files["compare_maps.npz"] = _npz_bytes(flow.compare_maps)
+    buf = _io.BytesIO()
+    np.save(buf, np.ascontiguousarray(flow.image), allow_pickle=False)
+    files["image.npy"] = buf.getvalue()
+    return files
+
+
+def flow_from_files(folder: Path):
+    """The Flow that ``flow_files`` wrote (without ``tensors`` and the per-tensor parity)."""
+    import numpy as np
+
+    from ..flow import Flow, Layer
+    j = json.loads((folder / "flow.json").read_text())
+
+    def npz(name):
+        if not (folder / name).is_file():
+            return {}
+        with np.load(folder / name, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    return Flow(model=j["model"], input=j["input"], preprocess=j["preprocess"], target=j["target"],
+                method=j["method"], layers=[Layer(**d) for d in j["layers"]], maps=npz("maps.npz"),
+                image=np.load(folder / "image.npy", allow_pickle=False), parity=j["parity"],
+                timings=j["timings"], options=j["options"],
+                skipped={r["tensor"]: r["reason"] for r in j.get("skipped", [])},
+                compare=j.get("compare"), compare_maps=npz("compare_maps.npz"),
+                extra={k: v for k, v in j.items() if k not in _FLOW_KEYS + _DERIVED_KEYS})
+
+
+def _cache_entry(cfg: CheckConfig, image: Path) -> str:
+    key = cfg.keys[image]
+    return f"{CACHE_DIR}/{Path(key).stem[:40]}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def _cache_key(st: "Setup", image: Path) -> str:
+    from .. import __version__
+    from ..resume import digest
+    return digest({"version": __version__, "model_sha256": st.analyzer.graph.sha256,
+                   "image": str(image), "image_sha256": ck.file_sha256(image),
+                   "settings": st.settings, "target": st.targets[image], "method": st.spec.method,
+                   "layers": st.spec.layers, "provider": st.spec.provider,
+                   "device": st.spec.device})
+
+
+def _own_arrays(flow):
+    """Writable copies of a flow's arrays: Ray hands numpy arrays over as read-only views of its
+    object store, which they would also keep pinned."""
+    import numpy as np
+    flow.maps = {k: np.array(v) for k, v in flow.maps.items()}
+    flow.compare_maps = {k: np.array(v) for k, v in flow.compare_maps.items()}
+    flow.image = np.array(flow.image)
+    return flow
+
+
+class Runner:
+    """Runs analyses serially (jobs = 1, this process's Analyzer), in a process pool whose
+    workers each build their Analyzer once, or on Ray actors (backend "ray",
+    naflow_onnx.backends: one Analyzer per actor; the sanity gate runs in this process)."""
+
+    def __init__(self, analyzer, spec: Spec, jobs: int, backend: str = "local",
+                 address: str | None = None, workers: int | None = None):
         self.analyzer, self.spec, self.jobs = analyzer, spec, max(1, int(jobs))
+        self.backend, self.address, self.workers = backend, address, workers
         self.pool = None
-        if self.jobs > 1:
+        self._run = None
+        self.stats = {"backend": backend, "address": address,
+                      "workers": self.jobs if backend == "local" else workers,
+                      "worker_deaths": 0, "resubmitted": 0}
+        if backend == "ray":
+            # one CPU per actor: torch and onnxruntime get one thread each unless --threads
+            self.spec = Spec(**{**spec.__dict__, "threads": spec.threads or 1})
+        elif self.jobs > 1:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
             threads = spec.threads or max(1, (os.cpu_count() or 1) // self.jobs)
@@ -142,6 +257,24 @@ class Runner:
 
     def analyses(self, tasks: list[tuple[Path, object]]):
         """Yield (index, status, flow-or-message) as analyses finish."""
+        if self.backend == "ray":
+            from ..backends import Failure, run_tasks
+            run = self._run = run_tasks(CheckTask(self.spec),
+                                        [(str(image), target) for image, target in tasks],
+                                        backend="ray", address=self.address, workers=self.workers,
+                                        progress=False)
+            with run:
+                try:
+                    for i, result in run:
+                        if isinstance(result, Failure):
+                            yield i, "error", result.message
+                        else:
+                            status, value = result
+                            yield i, status, _own_arrays(value) if status == "ok" else value
+                finally:
+                    self.stats.update({k: run.stats[k] for k in
+                                       ("workers", "worker_deaths", "resubmitted")})
+            return
         if self.pool is None:
             for i, (image, target) in enumerate(tasks):
                 yield (i, *_safe(lambda: analyse(self.analyzer, self.spec, image, target)))
@@ -170,6 +303,9 @@ class Runner:
             return "error", "a worker process died (out of memory?); try a smaller --jobs"
 
     def close(self):
+        if self._run is not None:       # stops the Ray actors of an unfinished run
+            self._run.close()
+            self._run = None
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
@@ -270,9 +406,12 @@ def _layers_record(flow) -> list[dict]:
 # naflow check
 
 
-def run_check(args) -> tuple[int, dict, dict]:
-    """The whole check; returns (exit code, report). Raises NAFlowError for a failed run."""
+def run_check(args, state=None) -> tuple[int, dict, dict]:
+    """The whole check; returns (exit code, report). Raises NAFlowError for a failed run.
+    ``state`` (a naflow_onnx.resume.RunState on the report folder): every analysed image's flow
+    is kept in it, and with ``resume`` the flows already there are reused."""
     t0 = time.perf_counter()
+    _check_backend_args(args)
     st = _setup(args)
     cfg = st.cfg
     baseline = None
@@ -292,22 +431,38 @@ def run_check(args) -> tuple[int, dict, dict]:
         raise ConfigError(f"{cfg.where('checks')}: no check is enabled: set one in [checks] "
                           "(e.g. prediction = true) or give --baseline")
 
-    runner = Runner(st.analyzer, st.spec, args.jobs)
+    runner = _runner(st, args)
     images = cfg.images
     flows: dict = {}
     errors: dict = {}
     matching = None
+    keys = {im: _cache_key(st, im) for im in images} if state is not None else {}
+    todo = []
+    for im in images:
+        rec = state.lookup(_cache_entry(cfg, im), keys[im]) if state is not None else None
+        if rec is not None:
+            flows[im] = flow_from_files(state.stage / _cache_entry(cfg, im))
+        else:
+            todo.append(im)
+    resumed = len(images) - len(todo)
+    if baseline is not None and flows:
+        matching = ck.match_layers(baseline, flows[next(im for im in images if im in flows)].layers,
+                                   cfg.baseline_match, st.analyzer.graph.sha256)
     bar = _progress(len(images) + (1 if cfg.sanity is not None else 0), args.quiet, "naflow check")
+    bar.update(resumed)
     try:
-        for i, status, result in runner.analyses([(im, st.targets[im]) for im in images]):
+        for i, status, result in runner.analyses([(im, st.targets[im]) for im in todo]):
             bar.update(1)
             if status == "ok":
-                flows[images[i]] = result
-                if baseline is not None and matching is None:
+                flows[todo[i]] = result
+                if baseline is not None and matching is None:   # a refusal writes nothing
                     matching = ck.match_layers(baseline, result.layers, cfg.baseline_match,
                                                st.analyzer.graph.sha256)
+                if state is not None:
+                    state.commit(_cache_entry(cfg, todo[i]), keys[todo[i]], flow_files(result),
+                                 {"image": cfg.keys[todo[i]]})
             else:
-                errors[images[i]] = result
+                errors[todo[i]] = result
         sanity = None
         if cfg.sanity is not None:
             simg = cfg.sanity_image or next((im for im in images if im in flows), None)
@@ -408,7 +563,10 @@ def run_check(args) -> tuple[int, dict, dict]:
         "images": per_image,
         "model_checks": model_checks,
         "layers": _layers_record(any_flow) if any_flow else [],
-        "jobs": runner.jobs,
+        "jobs": runner.stats["workers"] or runner.jobs,
+        "backend": {"name": runner.backend, "address": runner.address,
+                    "worker_deaths": runner.stats["worker_deaths"],
+                    "resubmitted": runner.stats["resubmitted"], "resumed": resumed},
         "timings": {"total_s": round(time.perf_counter() - t0, 3)},
     }
     return code, report, {"flows": flows, "regions": {cfg.keys[k]: v for k, v in st.regions.items()},
@@ -416,13 +574,22 @@ def run_check(args) -> tuple[int, dict, dict]:
                           "labels": st.analyzer.labels}
 
 
-def write_reports(out, report: dict, extras: dict, html_all: bool = False) -> Path:
+def write_reports(out, report: dict, extras: dict, html_all: bool = False, state=None) -> Path:
+    """report.json, junit.xml, report.html into ``out``, replaced atomically (with ``state``, its
+    staging folder, flow cache included, becomes ``out``)."""
     from ..io import atomic_dir
     from . import report as rp
-    with atomic_dir(out) as tmp:
+
+    def write(tmp: Path):
         rp.write_json(tmp / "report.json", report)
         rp.write_junit(tmp / "junit.xml", report)
         rp.write_html(tmp / "report.html", report, extras, include_passing=html_all)
+    if state is None:
+        with atomic_dir(out) as tmp:
+            write(tmp)
+    else:
+        write(state.open())
+        state.finish()
     return Path(out)
 
 
@@ -466,13 +633,29 @@ def build_check_parser() -> argparse.ArgumentParser:
                    "[baseline] path)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"report folder, replaced atomically "
                    f"(default: {DEFAULT_OUT}/): report.json, junit.xml, report.html")
-    _common(p)
+    _common(p, resume=True)
     p.add_argument("--html-all", action="store_true", help="draw the flows of passing images too")
     p.add_argument("--json", action="store_true", help="print the JSON report on stdout")
     return p
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _check_backend_args(args) -> None:
+    from ..cli import check_backend_args
+    check_backend_args(args)
+    if args.backend == "ray" and args.jobs != 1:
+        raise NAFlowError("--jobs is for the local backend; with --backend ray give --workers")
+
+
+def _runner(st: Setup, args) -> Runner:
+    return Runner(st.analyzer, st.spec, args.jobs, backend=args.backend, address=args.address,
+                  workers=args.workers)
+
+
+def _common(p: argparse.ArgumentParser, resume: bool = False) -> None:
+    from ..cli import add_backend_options
+    add_backend_options(p, resume_help="reuse the flows of images already analysed in --out by a "
+                        "finished, failed or interrupted run (same model, image and settings; "
+                        "docs/ray.md)" if resume else None)
     p.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
     p.add_argument("--method", choices=METHODS, help="map method (default: [analysis] method, "
                    "else naflow)")
@@ -500,10 +683,16 @@ def _guard(fn, args) -> int:
 
 
 def _cmd_check(args) -> int:
+    from ..resume import RunState
     if args.jobs < 1:
         raise NAFlowError(f"--jobs must be >= 1, got {args.jobs}")
-    code, report, extras = run_check(args)
-    out = write_reports(args.out, report, extras, html_all=args.html_all)
+    state = RunState(args.out, resume=args.resume)
+    try:
+        code, report, extras = run_check(args, state)
+        out = write_reports(args.out, report, extras, html_all=args.html_all, state=state)
+    except BaseException:
+        state.abandon()       # finished flows stay in .OUT.partial/ for --resume
+        raise
     if args.json:
         print(json.dumps(report, indent=2))
         _print_summary(report, out, stream=sys.stderr)
@@ -533,9 +722,10 @@ def main_check(argv=None) -> int:
 def record_baseline(args) -> dict:
     """Analyse every configured image and write the baseline file; returns its metadata."""
     from .. import __version__
+    _check_backend_args(args)
     st = _setup(args)
     cfg = st.cfg
-    runner = Runner(st.analyzer, st.spec, args.jobs)
+    runner = _runner(st, args)
     images = cfg.images
     flows, errors = {}, {}
     bar = _progress(len(images), args.quiet, "naflow baseline")

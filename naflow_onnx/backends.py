@@ -1,0 +1,347 @@
+"""Run one per-image task over many items on a backend: in this process, or on Ray actors.
+
+A ``Task`` is a small picklable object (paths and options, never a session). ``setup()`` runs
+once per worker (load the model: graph analysis, onnxruntime session); ``task(item)`` turns one
+item into one picklable result. ``run_tasks`` yields ``(index, result)`` as results arrive; an
+item whose call raised yields a ``Failure`` instead and the run goes on.
+
+Backends:
+
+``local``  ``setup()`` once in this process, then every item in order.
+``ray``    ``ray.init(address=...)``, or a new local Ray instance when ``address`` is None
+           (``num_cpus = workers``). ``workers`` actors (default: the cluster's CPUs; one CPU
+           each, spread over the nodes) each run ``setup()`` once; items are handed to the
+           actors two at a time (one running, one queued) and results are streamed back with
+           ``ray.wait``, in completion order. When an actor dies (its process or node is
+           killed, out of memory), a replacement actor is started and the items it held are
+           resubmitted; as it is unknown which of them killed it, each is then run alone on an
+           actor, and an item whose actor dies while it runs alone more than ``retries`` times
+           becomes a ``Failure``. A ``setup()`` that raises
+           stops the run with ``NAFlowError`` (a model that cannot be loaded on a node will not
+           load on a retry).
+
+Ray is an optional dependency (``pip install naflow-onnx[ray]``); it is imported only for the
+``ray`` backend.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import time
+from dataclasses import dataclass
+from collections.abc import Iterator
+from typing import Any
+
+from .errors import NAFlowError
+
+BACKENDS = ("local", "ray")
+IN_FLIGHT_PER_WORKER = 2
+# how long the run waits for a first worker to be started (no free CPU in the cluster?)
+STALL_S = float(os.environ.get("NAFLOW_RAY_STALL_S", "600"))
+
+
+class Task:
+    """A per-item computation. Subclass it; instances must be picklable (hold paths and options,
+    not sessions): the ``ray`` backend pickles the task once per actor before ``setup()``."""
+
+    def setup(self) -> None:
+        """Once per worker process / actor: load the model (Analyzer etc.)."""
+
+    def __call__(self, item):
+        """One item -> one picklable result."""
+        raise NotImplementedError
+
+
+@dataclass
+class Failure:
+    """An item whose task raised (or whose worker died more than ``retries`` times)."""
+    index: int
+    item: Any
+    message: str   # one line
+
+
+def one_line(exc: BaseException) -> str:
+    """A NAFlowError's own message; anything else prefixed with its type; first line only."""
+    text = str(exc).strip()
+    if not isinstance(exc, NAFlowError):
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class TaskRun(Iterator):
+    """The iterator ``run_tasks`` returns: ``(index, result-or-Failure)`` pairs, plus ``stats``
+    (``backend``, ``workers``, ``worker_deaths``, ``resubmitted``, ``failures``), final once the
+    iteration is over. ``close()`` (or leaving a ``with`` block) stops the workers."""
+
+    def __init__(self, gen, stats: dict):
+        self._gen, self.stats = gen, stats
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._gen)
+
+    def close(self) -> None:
+        self._gen.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def run_tasks(task: Task, items: list, *, backend: str = "local", address: str | None = None,
+              workers: int | None = None, retries: int = 2, progress: bool = True,
+              desc: str = "images") -> Iterator[tuple[int, Any]]:
+    """Yields (index, result-or-Failure) as results arrive (any order for ray, in order for
+    local); a tqdm progress bar over len(items) (on a terminal only)."""
+    if backend not in BACKENDS:
+        raise NAFlowError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")
+    if workers is not None and int(workers) < 1:
+        raise NAFlowError(f"--workers must be >= 1, got {workers}")
+    if retries < 0:
+        raise NAFlowError(f"retries must be >= 0, got {retries}")
+    items = list(items)
+    stats = {"backend": backend, "address": address, "workers": 1 if backend == "local" else workers,
+             "worker_deaths": 0, "resubmitted": 0, "failures": 0}
+    if backend == "local":
+        if address is not None:
+            raise NAFlowError("--address needs --backend ray")
+        gen = _run_local(task, items, stats, progress, desc)
+    else:
+        ray = import_ray()
+        gen = _run_ray(ray, task, items, address, workers, retries, stats, progress, desc)
+    return TaskRun(gen, stats)
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise NAFlowError("the ray backend needs Ray: pip install naflow-onnx[ray]") from None
+    return ray
+
+
+def _bar(total: int, progress: bool, desc: str):
+    from tqdm import tqdm
+    # a bar on a terminal only (disable=None), never into CI logs
+    return tqdm(total=total, desc=desc, disable=None if progress else True, leave=False)
+
+
+def _run_local(task, items, stats, progress, desc):
+    task.setup()
+    bar = _bar(len(items), progress, desc)
+    try:
+        for i, item in enumerate(items):
+            try:
+                result = task(item)
+            except Exception as exc:  # noqa: BLE001 - the item fails, the run goes on
+                result = Failure(i, item, one_line(exc))
+                stats["failures"] += 1
+            bar.update(1)
+            yield i, result
+    finally:
+        bar.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# ray
+
+
+class _Worker:
+    """The actor: one task, set up once. Wrapped with ``ray.remote`` when the backend starts."""
+
+    def __init__(self, task: Task):
+        self.task, self.error = task, None
+        try:
+            task.setup()
+        except Exception as exc:  # noqa: BLE001 - reported by ready(), stops the run
+            self.error = one_line(exc)
+
+    def ready(self):
+        import socket
+        return self.error, socket.gethostname(), os.getpid()
+
+    def run(self, index: int, item):
+        try:
+            return True, self.task(item)
+        except Exception as exc:  # noqa: BLE001 - the item fails, the run goes on
+            return False, one_line(exc)
+
+
+class _Slot:
+    """One actor and what it holds: a set-up probe, then up to IN_FLIGHT_PER_WORKER items."""
+
+    def __init__(self, actor_cls, task_ref):
+        self.actor = actor_cls.remote(task_ref)     # actor_cls carries its options
+        self.ready_ref = self.actor.ready.remote()
+        self.ready = False
+        self.dead = False
+        self.in_flight: dict = {}          # object ref -> item index
+        self.solo = False                  # holds one suspect item alone (see _run_ray)
+        self.born = time.monotonic()
+
+
+def _probe(address: str) -> None:
+    """Fail at once on a HOST:PORT nobody listens on (Ray's own client retries for minutes)."""
+    import socket
+    host, _, port = address.rpartition(":")
+    if "://" in address or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except OSError as exc:
+        raise NAFlowError(f"cannot reach Ray at {address}: {exc.strerror or exc}") from None
+
+
+def _init_ray(ray, address, workers) -> bool:
+    """Connect to ``address``, or start a local instance (its workers share this process's
+    environment and folder); True if this call connected (and so disconnects at the end). An
+    existing connection (``ray.init`` by the caller) is used as it is."""
+    if ray.is_initialized():
+        return False
+    quiet = dict(log_to_driver=False, logging_level=logging.ERROR)
+    if address:
+        _probe(address)
+        # a cluster started elsewhere: ship this naflow_onnx to its workers (they need its
+        # dependencies: torch, onnxruntime, ...), so that driver and workers run the same code
+        import naflow_onnx
+        ray.init(address=address, runtime_env={"py_modules": [naflow_onnx]}, **quiet)
+    else:
+        ray.init(address="local", num_cpus=workers or os.cpu_count() or 1, include_dashboard=False,
+                 **quiet)
+    return True
+
+
+def _run_ray(ray, task, items, address, workers, retries, stats, progress, desc):
+    from ray.exceptions import RayError, RayTaskError
+    try:
+        started = _init_ray(ray, address, workers)
+    except NAFlowError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a bad --address, a port in use, ...
+        raise NAFlowError(f"cannot start or reach Ray{f' at {address}' if address else ''}: "
+                          f"{one_line(exc)}") from None
+    n = len(items)
+    slots: list[_Slot] = []
+    bar = _bar(n, progress, desc)
+    try:
+        if workers is None:
+            workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        stats["workers"] = workers
+        if n == 0:
+            return
+        actor_cls = ray.remote(num_cpus=1, max_restarts=0, max_task_retries=0,
+                               scheduling_strategy="SPREAD")(_Worker)
+        task_ref = ray.put(task)
+        pending = collections.deque(range(n))
+        # An actor that dies takes every item it holds; which one killed it is unknown (a
+        # finished item's reply can be lost too). Those items become suspects: a suspect runs
+        # alone on an actor, and only a death during such a solo run is charged to the item.
+        attempts = [0] * n         # deaths of the actor while the item ran on it alone
+        suspect = [False] * n
+        where: dict = {}            # object ref -> (slot, index or None for the ready probe)
+        done = 0
+
+        def spawn():
+            slot = _Slot(actor_cls, task_ref)
+            slots.append(slot)
+            where[slot.ready_ref] = (slot, None)
+
+        def bury(slot):
+            if not slot.dead:
+                slot.dead = True
+                stats["worker_deaths"] += 1
+                try:
+                    ray.kill(slot.actor, no_restart=True)
+                except Exception:  # noqa: BLE001 - already gone
+                    pass
+                if done < n:
+                    spawn()
+
+        for _ in range(min(workers, n)):
+            spawn()
+        deaths_before_ready = 0
+        while done < n:
+            for slot in slots:
+                while slot.ready and not slot.dead and not slot.solo and pending and \
+                        len(slot.in_flight) < IN_FLIGHT_PER_WORKER:
+                    i = pending[0]
+                    if suspect[i] and slot.in_flight:
+                        break                         # a suspect waits for an idle actor
+                    pending.popleft()
+                    ref = slot.actor.run.remote(i, items[i])
+                    slot.in_flight[ref] = i
+                    slot.solo = suspect[i]
+                    where[ref] = (slot, i)
+            if not where:        # cannot happen: a dead actor is always replaced while items remain
+                raise NAFlowError("internal error: no Ray worker left and items remain")
+            ready, _ = ray.wait(list(where), num_returns=1, timeout=5.0)
+            if not ready:
+                live = [s for s in slots if not s.dead]
+                if live and not any(s.ready for s in live) and \
+                        time.monotonic() - min(s.born for s in live) > STALL_S:
+                    for i in list(pending):
+                        yield i, Failure(i, items[i], f"no Ray worker started within {STALL_S:.0f} s "
+                                         "(no free CPU in the cluster?)")
+                        stats["failures"] += 1
+                        done += 1
+                        bar.update(1)
+                    pending.clear()
+                    if done >= n:
+                        break
+                continue
+            for ref in ready:
+                slot, i = where.pop(ref)
+                if i is None:                       # the set-up probe
+                    try:
+                        error, host, pid = ray.get(ref)
+                    except RayError:
+                        deaths_before_ready += 1
+                        if deaths_before_ready > workers * (retries + 1):
+                            raise NAFlowError(f"Ray workers keep dying during set-up "
+                                              f"({deaths_before_ready} times): out of memory?") from None
+                        bury(slot)
+                        continue
+                    if error is not None:
+                        raise NAFlowError(f"worker set-up failed on {host}: {error}")
+                    slot.ready = True
+                    continue
+                try:
+                    ok, value = ray.get(ref)
+                    result = value if ok else Failure(i, items[i], value)
+                except RayTaskError as exc:          # raised outside the task (e.g. pickling)
+                    result = Failure(i, items[i], one_line(exc.cause if getattr(exc, "cause", None)
+                                                            else exc))
+                except RayError as exc:              # the actor, its process or its node died
+                    alone = slot.solo
+                    bury(slot)
+                    slot.in_flight.pop(ref, None)
+                    if alone:
+                        attempts[i] += 1
+                    suspect[i] = True
+                    if attempts[i] <= retries:
+                        stats["resubmitted"] += 1
+                        pending.appendleft(i)
+                        continue
+                    result = Failure(i, items[i], f"the Ray worker died {attempts[i]} times while "
+                                     f"processing this item ({type(exc).__name__})")
+                slot.in_flight.pop(ref, None)
+                slot.solo = False
+                if isinstance(result, Failure):
+                    stats["failures"] += 1
+                done += 1
+                bar.update(1)
+                yield i, result
+    finally:
+        bar.close()
+        for slot in slots:
+            try:
+                ray.kill(slot.actor, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        if started:
+            ray.shutdown()
