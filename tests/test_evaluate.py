@@ -141,3 +141,21 @@ def test_photos_on_mobilenet(mobilenet_onnx, tmp_path):
     np.testing.assert_allclose(s[:, 0, -1], s[:, 1, -1], atol=2e-3)
     # chelsea: the box covers most of the frame, so energy there is high for every method
     assert (s[0, :, -1, 0] > 0.8).all()
+
+
+def test_compare_ranks_variants():
+    """The damping choice: mean rank over models and metrics, by each metric's direction."""
+    from naflow_onnx.evaluate.compare import compare
+
+    def doc(name, e, d):
+        return {"model": {"name": name},
+                "higher_is_better": {"energy": True, "pointing": True, "deletion": False, "insertion": True},
+                "stages": {"energy": {k: {"all internal": v} for k, v in e.items()},
+                           "pointing": {k: {"all internal": 0.5} for k in e},
+                           "deletion": {k: {"all internal": v} for k, v in d.items()},
+                           "insertion": {k: {"all internal": None} for k in e}}}
+    r = compare([doc("a", {"x": 0.9, "y": 0.5}, {"x": 0.2, "y": 0.3}),
+                 doc("b", {"x": 0.4, "y": 0.6}, {"x": 0.1, "y": 0.4})])
+    # x: energy ranks 1, 2; deletion 1, 1; pointing tied 1.5, 1.5 -> mean 1.33; y: 2, 1, 2, 2, 1.5, 1.5
+    assert r["best"] == "x"
+    assert abs(r["mean_rank"]["x"] - 8 / 6) < 1e-12 and abs(r["mean_rank"]["y"] - 10 / 6) < 1e-12
