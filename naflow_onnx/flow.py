@@ -120,6 +120,15 @@ class Flow:
         return buf.getvalue()
 
 
+def check_finite(bpfm: dict, damp: float) -> None:
+    """A diverged solve must not become a silently wrong map (seen at t = 0.01 on MobileNetV2:
+    an unconverged CGLS left non-finite values)."""
+    bad = [t for t, b in bpfm.items() if b is not None and not bool(torch.isfinite(b).all())]
+    if bad:
+        raise NAFlowError(f"the back-projection diverged at damping t = {damp:g}: {len(bad)} tensors hold "
+                          f"non-finite values (first '{bad[0]}'); use a larger --damp")
+
+
 def _select_layers(features: list[str], mg: ModelGraph, spec: str | None) -> list[str]:
     """--layers: ``all``, ``op:Conv,Relu`` (op types), or a regex on tensor/node names."""
     if not spec or spec == "all":
@@ -248,6 +257,7 @@ class Analyzer:
         bpfm, records = {}, {}
         if method in NEEDS_BPFM or compare in NEEDS_BPFM:
             bpfm, records = backproject(mg, pl, env, lam, self.opts, progress, set(chosen))
+            check_finite(bpfm, self.opts.damp)
         timings["bpfm_s"] = time.perf_counter() - t0
 
         def maps_for(m):

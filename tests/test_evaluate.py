@@ -159,3 +159,28 @@ def test_compare_ranks_variants():
     # x: energy ranks 1, 2; deletion 1, 1; pointing tied 1.5, 1.5 -> mean 1.33; y: 2, 1, 2, 2, 1.5, 1.5
     assert r["best"] == "x"
     assert abs(r["mean_rank"]["x"] - 8 / 6) < 1e-12 and abs(r["mean_rank"]["y"] - 10 / 6) < 1e-12
+
+
+def test_backends_agree(tmp_path):
+    """--jobs 2 (local processes) and --backend ray give the same numbers as one process."""
+    common = ["--n", "3", "--methods", "naflow,gradcam", "--randomise-images", "1", "--randomise-steps", "2",
+              "--steps", "5"]
+    outs = {}
+    for name, extra in (("one", []), ("jobs", ["--jobs", "2"]), ("ray", ["--backend", "ray", "--workers", "2"])):
+        rc, _, stderr = run_cli("evaluate", PLAIN, "--out", tmp_path / name, *common, *extra)
+        assert rc == 0, stderr
+        outs[name] = dict(np.load(tmp_path / name / "per_image.npz"))
+    for name in ("jobs", "ray"):
+        np.testing.assert_allclose(outs[name]["scores"], outs["one"]["scores"], atol=1e-6)
+        np.testing.assert_allclose(outs[name]["randomisation"], outs["one"]["randomisation"], atol=1e-6)
+
+
+def test_diverged_back_projection_is_an_error():
+    """A non-finite BPFM (a diverged solve) is refused with a clear message, never drawn."""
+    import torch
+    from naflow_onnx.errors import NAFlowError
+    from naflow_onnx.flow import check_finite
+
+    check_finite({"a": torch.ones(2), "b": None}, 0.3)
+    with pytest.raises(NAFlowError, match=r"diverged at damping t = 0.01: 1 tensors .* first 'b'"):
+        check_finite({"a": torch.ones(2), "b": torch.tensor([1.0, float("nan")])}, 0.01)

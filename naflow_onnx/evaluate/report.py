@@ -151,7 +151,8 @@ class Evaluation:
             if recs:
                 out[v.name] = {"max_convergence": max(x["max_convergence"] for x in recs),
                                "mean_iterations": float(np.mean([x["iterations"] for x in recs])),
-                               "all_converged": all(x["all_converged"] for x in recs)}
+                               "all_converged": all(x["all_converged"] for x in recs),
+                               "diverged_images": sum("error" in x for x in recs)}
         return out
 
     def accuracy(self) -> float | None:

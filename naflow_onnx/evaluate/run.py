@@ -93,10 +93,11 @@ def _worker_init(task) -> None:
 
 
 def _worker_run(item):
+    from ..backends import one_line
     try:
         return _WORKER_TASK(item)
-    except NAFlowError as exc:
-        return {"failure": str(exc)}
+    except Exception as exc:  # noqa: BLE001 - the image fails, the run goes on
+        return {"failure": one_line(exc)}
 
 
 def _pool(task, items, args):
@@ -115,27 +116,18 @@ def _pool(task, items, args):
 
 
 def _iterate(task, items, args):
-    """(index, result or failure) over the items, on the chosen backend."""
+    """(index, result or Failure) over the items: --jobs N local processes, or run_tasks
+    (in this process, or on Ray actors with --backend ray)."""
+    from ..backends import run_tasks
+
     if args.backend == "local" and args.jobs > 1:
         yield from _pool(task, items, args)
         return
-    try:
-        from ..backends import run_tasks
-    except ImportError:  # pragma: no cover - backends module not present
-        run_tasks = None
-    if run_tasks is not None:
-        yield from run_tasks(task, items, backend=args.backend, address=args.address,
-                             workers=args.workers, progress=not args.quiet, desc="evaluate")
-        return
-    if args.backend != "local":
-        raise NAFlowError("--backend ray is not available in this installation")
-    from tqdm import tqdm
-    task.setup()
-    for i, item in enumerate(tqdm(items, desc="evaluate", unit="image", disable=True if args.quiet else None)):
-        try:
-            yield i, task(item)
-        except NAFlowError as exc:
-            yield i, {"failure": str(exc)}
+    if args.backend == "ray" and args.jobs > 1:
+        raise NAFlowError("--jobs is for the local backend; with --backend ray give --workers")
+    with run_tasks(task, items, backend=args.backend, address=args.address, workers=args.workers,
+                   progress=not args.quiet, desc="evaluate") as run:
+        yield from run
 
 
 def evaluate(args) -> tuple["Evaluation", dict]:  # noqa: F821

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from ..backends import Task
+
 METRICS = ("energy", "pointing", "deletion", "insertion")
 
 
@@ -102,7 +104,7 @@ class BatchProbability:
 
 
 @dataclass
-class EvaluationTask:
+class EvaluationTask(Task):
     model: str
     variants: list[Variant]
     analyzer_options: dict = field(default_factory=dict)
@@ -134,6 +136,8 @@ class EvaluationTask:
     # ---------------------------------------------------------------- per image
     def maps(self, analyzer, item) -> tuple[object, dict, dict]:
         """The flow (Λ etc.) and ``{variant: {tensor: map}}`` plus solver records per variant."""
+        from ..errors import NAFlowError
+        from ..flow import check_finite
         from ..methods import layer_map
         from ..rules.backproject import backproject
 
@@ -153,6 +157,12 @@ class EvaluationTask:
                 solver[v.name] = {"max_convergence": max(conv) if conv else 0.0,
                                   "iterations": int(sum(r.get("iterations", 0) for r in recs)),
                                   "all_converged": bool(all(r.get("converged", True) for r in recs))}
+                try:
+                    check_finite(bpfm, opts.damp)
+                except NAFlowError as exc:   # this variant fails on this image; the others go on
+                    solver[v.name]["error"] = str(exc)
+                    out[v.name] = None
+                    continue
             out[v.name] = {t: layer_map(v.method, env[t], lam[t], bpfm.get(t) if bpfm else None)[0]
                            .float().cpu().numpy() for t in chosen}
         flow.tensors = None
@@ -174,6 +184,8 @@ class EvaluationTask:
         scores = np.full((V, L, len(METRICS)), np.nan)
         curves: dict[bytes, tuple[float, float]] = {}   # identical maps (e.g. reference and
         for i, v in enumerate(self.variants):           # layercam after a ReLU) share curves
+            if maps[v.name] is None:                    # diverged: NaN scores, error in solver
+                continue
             for j, t in enumerate(tensors):
                 m = maps[v.name][t]
                 scores[i, j, 0] = M.energy_in_mask(m, mask)
@@ -191,6 +203,8 @@ class EvaluationTask:
             for a, (_, _, analyzer_k) in enumerate(self.randomised):
                 _, maps_k, _ = self.maps(analyzer_k, item)
                 for i, v in enumerate(self.variants):
+                    if maps[v.name] is None or maps_k[v.name] is None:
+                        continue
                     for j, t in enumerate(tensors):
                         spear[a, i, j] = M.spearman(maps[v.name][t], maps_k[v.name][t])
         top = flow.target["top5"][0]["index"]
