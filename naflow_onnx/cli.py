@@ -221,6 +221,7 @@ def _resume_keys(args, analyzer, names: list[str]) -> list[str]:
 
 def cmd_analyze(args) -> int:
     from .backends import Failure, run_tasks
+    from .io import json_safe
     from .resume import RunState
     check_backend_args(args)
     out = Path(args.out)
@@ -285,7 +286,7 @@ def cmd_analyze(args) -> int:
     if args.json:
         failed = {f["index"]: {"image": f["image"], "error": f["error"]} for f in failures}
         rows = [summaries.get(i) or failed[i] for i in range(len(names))]
-        print(json.dumps(rows if len(rows) > 1 else rows[0], indent=2))
+        print(json.dumps(json_safe(rows if len(rows) > 1 else rows[0]), indent=2))
     else:
         for s in ordered:
             if s.get("similarity"):

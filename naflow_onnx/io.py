@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -53,8 +54,20 @@ def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
                                           allow_pickle=False)
 
 
+def json_safe(x):
+    """Strict JSON: a non-finite float becomes the string "inf" / "-inf" (a damping t = inf,
+    recorded in options and solver records) or null (NaN)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    return x
+
+
 def write_json(path: Path, data) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n")
+    path.write_text(json.dumps(json_safe(data), indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
 def write_flow_files(flow, folder: Path, dpi: int = 110, partner=None) -> None:

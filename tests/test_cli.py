@@ -217,3 +217,19 @@ def test_export_factory_with_weights(tmp_path):
                               cwd=ROOT / "tests")
     assert code == 2 and "do not match the model" in stderr
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_infinite_damping_writes_strict_json(tmp_path):
+    """--damp inf (the t -> inf limit of METHOD.md §4) is recorded as "inf", not as the
+    non-JSON token Infinity, and the run succeeds."""
+    from naflow_onnx.evaluate.synthetic import make_image
+
+    img = tmp_path / "s.png"
+    Image.fromarray(make_image(3, 0)[0]).save(img)
+    out = tmp_path / "out"
+    rc, _, stderr = run_cli("analyze", ROOT / "models" / "synth_plain.onnx", img, "--damp", "inf",
+                            "--out", out, "--quiet")
+    assert rc == 0, stderr
+    text = (out / "flow.json").read_text()
+    assert "Infinity" not in text and "NaN" not in text
+    assert json.loads(text)["options"]["damp"] == "inf"
