@@ -20,7 +20,7 @@ from ..errors import NAFlowError
 
 @dataclass
 class SolverOptions:
-    damp: float = 0.3
+    damp: float = 1.0          # = flow.DEFAULT_DAMP
     tol: float = 1e-4          # normal-equation residual to stop at
     max_iter: int = 2000
     power_iter: int = 8
