@@ -86,8 +86,23 @@ def build_parser() -> argparse.ArgumentParser:
 _WORKER_TASK = None
 
 
-def _worker_init(task) -> None:
+def _exit_with_parent(parent: int) -> None:
+    """A killed `naflow evaluate` must not leave its workers computing on: each worker checks
+    every second that its parent is still there."""
+    import os
+    import threading
+
+    def watch():
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _worker_init(task, parent: int) -> None:
     global _WORKER_TASK
+    _exit_with_parent(parent)
     task.setup()
     _WORKER_TASK = task
 
@@ -103,11 +118,12 @@ def _worker_run(item):
 def _pool(task, items, args):
     """--jobs N: N local worker processes, each with the model loaded once."""
     import multiprocessing as mp
+    import os
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     from tqdm import tqdm
     with ProcessPoolExecutor(args.jobs, mp.get_context("spawn"), initializer=_worker_init,
-                             initargs=(task,)) as ex:
+                             initargs=(task, os.getpid())) as ex:
         futures = {ex.submit(_worker_run, item): i for i, item in enumerate(items)}
         with tqdm(total=len(items), desc="evaluate", unit="image", disable=True if args.quiet else None) as bar:
             for f in as_completed(futures):
