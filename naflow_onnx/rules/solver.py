@@ -139,7 +139,7 @@ def cgls(J: LinearMap, delta: torch.Tensor, lam: float, tol: float, max_iter: in
             s.sub_(x, alpha=lam2)
         gamma_new = _dot(s, s, block_dims)
         conv = math.sqrt(float(gamma_new.sum() if block_dims is not None else gamma_new)) / ref
-        if conv <= tol:
+        if conv <= tol or not math.isfinite(conv):   # converged, or broke down (NaN/inf)
             break
         p.mul_(_ratio(gamma_new, gamma)).add_(s)
         gamma = gamma_new
@@ -171,6 +171,11 @@ def solve_affine(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, y_
     lam = opts.damp * sigma if sigma else 0.0
     blocks = None if reference_mode() else getattr(J, "block_dims", None)
     dx, iters, conv, misfit = cgls(J, delta, lam, opts.tol, opts.max_iter, blocks)
+    if blocks is not None and not math.isfinite(conv):
+        # per-channel CG broke down in float32 (seen on EfficientNet-Lite0: a near-empty channel
+        # block gave a non-finite step): solve the same problem with one CG for all channels
+        dx, more, conv, misfit = cgls(J, delta, lam, opts.tol, opts.max_iter, None)
+        iters += more
     rec = SolveRecord(kind="cgls", iterations=iters, convergence=conv, misfit=misfit,
                       damp=opts.damp, sigma=sigma, converged=conv <= opts.tol)
     return x0 + dx, rec
