@@ -85,3 +85,37 @@ def build(name: str, seed: int = 0) -> nn.Module:
             m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.uniform_(-0.2, 0.2)
     return model.eval()
+
+
+class RedDetector(nn.Module):
+    """Channel 0 of every conv follows 'red minus green minus blue' and class 0 reads it: the
+    attention of class 0 sits on red objects at every layer. The other channels are random.
+    ``stages`` conv-ReLU stages of ``width`` channels with a 2x2 max-pool between them
+    (tests/test_check.py uses the default, tests/test_ray.py a smaller one)."""
+
+    def __init__(self, width: int = 8, stages: int = 3):
+        super().__init__()
+        torch.manual_seed(0)
+        layers = [nn.Conv2d(3, width, 3, padding=1), nn.ReLU()]
+        for _ in range(stages - 1):
+            layers += [nn.MaxPool2d(2), nn.Conv2d(width, width, 3, padding=1), nn.ReLU()]
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(width, 3)
+        with torch.no_grad():
+            for m in self.modules():
+                if isinstance(m, (nn.Conv2d, nn.Linear)):
+                    m.weight.mul_(0.3)
+                    m.bias.zero_()
+            first, *rest = [m for m in self.features if isinstance(m, nn.Conv2d)]
+            first.weight[0] = 0
+            first.weight[0, :, 1, 1] = torch.tensor([1.0, -1.0, -1.0])
+            first.bias[0] = -0.2
+            for c in rest:
+                c.weight[0] = 0
+                c.weight[0, 0, 1, 1] = 2.0
+            self.fc.weight[0] = 0
+            self.fc.weight[0, 0] = 8.0
+
+    def forward(self, x):
+        x = self.features(x)
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))

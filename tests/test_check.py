@@ -27,6 +27,7 @@ from PIL import Image
 from torch import nn
 
 from conftest import ROOT, package_dir
+from smallnets import RedDetector
 from exporters.torch_export import export
 from naflow_onnx.check import main_baseline, main_check, randomise_weights
 from naflow_onnx.check.checks import pearson, rankdata, spearman
@@ -44,37 +45,6 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 
 # ------------------------------------------------------------------------------------------------
 # small models with known behaviour
-
-
-class RedDetector(nn.Module):
-    """Channel 0 of every conv follows 'red minus green minus blue' and class 0 reads it: the
-    attention of class 0 sits on red objects at every layer. The other channels are random."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                                      nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                                      nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
-        self.fc = nn.Linear(8, 3)
-        with torch.no_grad():
-            for m in self.modules():
-                if isinstance(m, (nn.Conv2d, nn.Linear)):
-                    m.weight.mul_(0.3)
-                    m.bias.zero_()
-            c1, c2, c3 = self.features[0], self.features[3], self.features[6]
-            c1.weight[0] = 0
-            c1.weight[0, :, 1, 1] = torch.tensor([1.0, -1.0, -1.0])
-            c1.bias[0] = -0.2
-            for c in (c2, c3):
-                c.weight[0] = 0
-                c.weight[0, 0, 1, 1] = 2.0
-            self.fc.weight[0] = 0
-            self.fc.weight[0, 0] = 8.0
-
-    def forward(self, x):
-        x = self.features(x)
-        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
 class FlatHead(nn.Module):

@@ -34,6 +34,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from exporters.torch_export import export
+from smallnets import RedDetector
 from naflow_onnx.backends import Failure, Task, run_tasks
 from naflow_onnx.check import main_check
 from naflow_onnx.cli import main as cli_main
@@ -215,35 +216,6 @@ def test_ray_setup_error_stops_the_run(cluster):
 # naflow check over 200 images, a worker node killed mid-run
 
 
-class RedNet(torch.nn.Module):
-    """Class 0 reads 'red minus green minus blue' at every layer (as test_check's RedDetector)."""
-
-    def __init__(self):
-        super().__init__()
-        nn = torch.nn
-        torch.manual_seed(0)
-        self.features = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                                      nn.Conv2d(6, 6, 3, padding=1), nn.ReLU())
-        self.fc = nn.Linear(6, 3)
-        with torch.no_grad():
-            for m in self.modules():
-                if isinstance(m, (nn.Conv2d, nn.Linear)):
-                    m.weight.mul_(0.3)
-                    m.bias.zero_()
-            c1, c2 = self.features[0], self.features[3]
-            c1.weight[0] = 0
-            c1.weight[0, :, 1, 1] = torch.tensor([1.0, -1.0, -1.0])
-            c1.bias[0] = -0.2
-            c2.weight[0] = 0
-            c2.weight[0, 0, 1, 1] = 2.0
-            self.fc.weight[0] = 0
-            self.fc.weight[0, 0] = 8.0
-
-    def forward(self, x):
-        x = self.features(x)
-        return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1))
-
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     """200 images 24x24 with a red square somewhere, a model, a config with boxes for half of
@@ -262,7 +234,7 @@ def dataset(tmp_path_factory):
             expects.append(f'[[expect]]\nimage = "imgs/{i:03d}.png"\nclass = 0\n'
                            f'box = [{x0}, {y0}, {x0 + 8}, {y0 + 8}]\n')
     model = root / "red.onnx"
-    export(RedNet(), model, (1, 3, 24, 24), preprocess="none")
+    export(RedDetector(width=6, stages=2), model, (1, 3, 24, 24), preprocess="none")
     cfg = root / "naflow-check.toml"
     cfg.write_text('[inputs]\nimages = "imgs/*.png"\npreprocess = "none"\n' + "\n".join(expects) +
                    "[checks]\nprediction = true\nfinal_mass_in_region = 0.5\nflow_stability = 0.3\n")
