@@ -437,20 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from .errors import run_command
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except KeyboardInterrupt:
-        print("naflow: interrupted; no output written", file=sys.stderr)
-        return 130
-    except NAFlowError as exc:
-        if args.debug:
-            raise
-        print(f"naflow: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except MemoryError:
-        print("naflow: error: out of memory", file=sys.stderr)
-        return 2
+    return run_command(args.func, args)
 
 
 if __name__ == "__main__":

@@ -37,3 +37,24 @@ class ParityError(NAFlowError):
 
 class OutputError(NAFlowError):
     """The output folder cannot be written."""
+
+
+def run_command(fn, args, nothing: str = "no output written") -> int:
+    """Run one CLI command ``fn(args)``: a NAFlowError becomes one line on stderr and its exit
+    code (the traceback with ``args.debug``), Ctrl-C exits 130 and running out of memory 2;
+    ``nothing`` says what was not written."""
+    import sys
+
+    try:
+        return fn(args)
+    except KeyboardInterrupt:
+        print(f"naflow: interrupted; {nothing}", file=sys.stderr)
+        return 130
+    except NAFlowError as exc:
+        if getattr(args, "debug", False):
+            raise
+        print(f"naflow: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except MemoryError:
+        print("naflow: error: out of memory", file=sys.stderr)
+        return 2

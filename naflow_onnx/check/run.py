@@ -667,19 +667,8 @@ def _common(p: argparse.ArgumentParser, resume: bool = False) -> None:
 
 
 def _guard(fn, args) -> int:
-    try:
-        return fn(args)
-    except KeyboardInterrupt:
-        print("naflow: interrupted; no report written", file=sys.stderr)
-        return 130
-    except NAFlowError as exc:
-        if args.debug:
-            raise
-        print(f"naflow: error: {exc}", file=sys.stderr)
-        return 2
-    except MemoryError:
-        print("naflow: error: out of memory", file=sys.stderr)
-        return 2
+    from ..errors import run_command
+    return run_command(fn, args, "no report written")
 
 
 def _cmd_check(args) -> int:

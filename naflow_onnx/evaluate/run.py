@@ -107,12 +107,12 @@ def _worker_init(task, parent: int) -> None:
     _WORKER_TASK = task
 
 
-def _worker_run(item):
-    from ..backends import one_line
+def _worker_run(index, item):
+    from ..backends import Failure, one_line
     try:
         return _WORKER_TASK(item)
     except Exception as exc:  # noqa: BLE001 - the image fails, the run goes on
-        return {"failure": one_line(exc)}
+        return Failure(index, None, one_line(exc))
 
 
 def _pool(task, items, args):
@@ -124,7 +124,7 @@ def _pool(task, items, args):
     from tqdm import tqdm
     with ProcessPoolExecutor(args.jobs, mp.get_context("spawn"), initializer=_worker_init,
                              initargs=(task, os.getpid())) as ex:
-        futures = {ex.submit(_worker_run, item): i for i, item in enumerate(items)}
+        futures = {ex.submit(_worker_run, i, item): i for i, item in enumerate(items)}
         with tqdm(total=len(items), desc="evaluate", unit="image", disable=True if args.quiet else None) as bar:
             for f in as_completed(futures):
                 bar.update()
@@ -146,9 +146,8 @@ def _iterate(task, items, args):
         yield from run
 
 
-def evaluate(args) -> tuple["Evaluation", dict]:  # noqa: F821
-    import onnx
-
+def evaluate(args) -> "Evaluation":  # noqa: F821
+    from ..backends import Failure
     from ..graph import read_model
     from .datasets import load_items
     from .metrics import weight_bearing_nodes
@@ -185,11 +184,10 @@ def evaluate(args) -> tuple["Evaluation", dict]:  # noqa: F821
     t0 = time.perf_counter()
     results, failures = [], []
     for i, res in _iterate(task, items, args):
-        if isinstance(res, dict) and "scores" in res:
-            results.append(res)
+        if isinstance(res, Failure):
+            failures.append({"index": items[i].index, "name": items[i].name, "error": res.message})
         else:
-            msg = res.get("failure") if isinstance(res, dict) else getattr(res, "message", str(res))
-            failures.append({"index": items[i].index, "name": items[i].name, "error": msg})
+            results.append(res)
     if not results:
         first = failures[0]["error"] if failures else "no result"
         raise NAFlowError(f"every image failed; the first: {first}")
@@ -205,35 +203,29 @@ def evaluate(args) -> tuple["Evaluation", dict]:  # noqa: F821
             "wall_seconds": None}
     ev = Evaluation(results, variants, failures, meta, cascade)
     ev.meta["wall_seconds"] = time.perf_counter() - t0
-    del onnx
-    return ev, meta
+    return ev
+
+
+def _cmd_evaluate(args) -> int:
+    from ..io import atomic_dir
+
+    ev = evaluate(args)
+    with atomic_dir(args.out) as tmp:
+        ev.write(tmp)
+    if args.json:
+        import json
+        doc = ev.to_json()
+        print(json.dumps({k: doc[k] for k in ("model", "dataset", "images", "stages", "solver")}, indent=1))
+    else:
+        print(f"{ev.meta['model']['name']}: {len(ev.results)} images, {len(ev.tensors)} layers, "
+              f"{len(ev.failures)} failed, {ev.meta['wall_seconds']:.0f} s -> {args.out}")
+        print(ev.markdown(["energy", "deletion"]))
+    return 0
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        from ..io import atomic_dir
-
-        ev, _ = evaluate(args)
-        with atomic_dir(args.out) as tmp:
-            ev.write(tmp)
-        if args.json:
-            import json
-            doc = ev.to_json()
-            print(json.dumps({k: doc[k] for k in ("model", "dataset", "images", "stages", "solver")}, indent=1))
-        else:
-            print(f"{ev.meta['model']['name']}: {len(ev.results)} images, {len(ev.tensors)} layers, "
-                  f"{len(ev.failures)} failed, {ev.meta['wall_seconds']:.0f} s -> {args.out}")
-            print(ev.markdown(["energy", "deletion"]))
-        return 0
-    except KeyboardInterrupt:
-        print("naflow: interrupted; no output written", file=sys.stderr)
-        return 130
-    except NAFlowError as exc:
-        if args.debug:
-            raise
-        print(f"naflow: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    from ..errors import run_command
+    return run_command(_cmd_evaluate, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -117,7 +117,6 @@ class EvaluationTask(Task):
 
     # ---------------------------------------------------------------- per worker
     def setup(self) -> None:
-        import onnx
         import torch
 
         from ..flow import Analyzer
@@ -128,7 +127,7 @@ class EvaluationTask(Task):
         self.prob = BatchProbability(self.analyzer.graph, self.analyzer.preprocess, self.threads)
         self.randomised = []
         if self.randomise_images and self.randomise_ks:
-            proto = onnx.load(self.model)
+            proto = self.analyzer.graph.model
             for k in self.randomise_ks:
                 m, names = randomise_onnx(proto, k, self.randomise_seed)
                 self.randomised.append((k, names[-1], Analyzer(m, **self.analyzer_options)))
