@@ -184,3 +184,37 @@ def test_diverged_back_projection_is_an_error():
     check_finite({"a": torch.ones(2), "b": None}, 0.3)
     with pytest.raises(NAFlowError, match=r"diverged at damping t = 0.01: 1 tensors hold non-finite values \(first 'b'\)"):
         check_finite({"a": torch.ones(2), "b": torch.tensor([1.0, float("nan")])}, 0.01)
+
+
+def test_jobs_workers_exit_with_a_killed_evaluate(tmp_path):
+    """A killed `naflow evaluate --jobs 2` leaves no worker computing on (they watch their parent)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "naflow_onnx.cli", "evaluate", str(PLAIN), "--n", "50",
+                             "--jobs", "2", "--quiet", "--out", str(tmp_path / "out")],
+                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def children():
+        out = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout
+        return [int(line.split()[0]) for line in out.splitlines()
+                if "multiprocessing" in line and int(line.split()[1]) == proc.pid]
+
+    deadline = time.time() + 120
+    while len(workers := children()) < 2 and time.time() < deadline:
+        time.sleep(0.5)
+    assert len(workers) >= 2, "the worker processes did not start"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 15
+    alive = workers
+    while alive and time.time() < deadline:
+        time.sleep(0.5)
+        alive = [p for p in workers if os.path.exists(f"/proc/{p}")
+                 and open(f"/proc/{p}/stat").read().split()[2] != "Z"]
+    assert not alive, f"workers still running after their parent was killed: {alive}"
+    assert not (tmp_path / "out").exists()
