@@ -6,7 +6,6 @@ import importlib
 import json
 import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import onnx
 import torch
 
 from naflow_onnx.errors import NAFlowError
+from naflow_onnx.io import atomic_file
 from naflow_onnx.preprocess import METADATA_KEY as PREPROCESS_KEY
 from naflow_onnx.preprocess import PRESETS
 from naflow_onnx.labels import METADATA_KEY as LABELS_KEY
@@ -94,10 +94,8 @@ def export(model: torch.nn.Module, path, input_shape=(1, 3, 224, 224), *, export
     refs = list(ref) if isinstance(ref, (tuple, list)) else [ref]
     names = output_names or (["logits"] if len(refs) == 1 else [f"output_{i}" for i in range(len(refs))])
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp_path:
+        tmp = str(tmp_path)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if exporter == "legacy":
@@ -128,10 +126,6 @@ def export(model: torch.nn.Module, path, input_shape=(1, 3, 224, 224), *, export
         if worst > parity_tol:
             raise NAFlowError(f"exported model differs from torch: relative error {worst:.3g} > "
                               f"{parity_tol:g}")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return {"path": str(path), "exporter": exporter, "opset": proto.opset_import[0].version,
             "parity_relative_error": worst, "nodes": len(proto.graph.node),
             "outputs": names}

@@ -185,7 +185,9 @@ class AnalyzeTask:
         from tqdm import tqdm
 
         from .io import write_flow_files
+        from . import testhooks
         image, name = item
+        testhooks.reached("analyze.image")
         args = argparse.Namespace(**self.options)
         with tqdm(total=None, desc=f"segments ({Path(image).name})", leave=False, unit="seg",
                   disable=None if self.segments_bar else True) as bar:
@@ -234,7 +236,7 @@ def cmd_analyze(args) -> int:
                        worker_threads=None if local else 1)
     if local:
         task.analyzer = analyzer
-    state = RunState(out, resume=args.resume, markers=many)
+    state = RunState(out, resume=args.resume, markers=many, command="analyze")
     summaries: dict[int, dict] = {}
     failures: list[dict] = []
     try:
@@ -309,7 +311,19 @@ def cmd_analyze(args) -> int:
     return 2 if failures else 0
 
 
+def is_onnx_model(path) -> bool:
+    """an ONNX model"""
+    import onnx
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - anything unreadable is not a model
+        return False
+    return model.ir_version > 0 and len(model.graph.node) > 0
+
+
 def cmd_export(args) -> int:
+    from .io import check_output_file
+    check_output_file(args.o, "output model", is_onnx_model)    # before any work
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from exporters.torch_export import export, load_factory, load_weights
     preprocess, labels, outputs, embedding, shape = args.preprocess, args.labels, None, None, None
@@ -383,7 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("analyze", help="attention map of every feature layer")
     a.add_argument("model", help="the .onnx file")
     a.add_argument("images", nargs="+", help="image file(s)")
-    a.add_argument("--out", required=True, help="output folder (replaced atomically)")
+    a.add_argument("--out", required=True, help="output folder: a new path, an empty folder or an "
+                   "earlier naflow output (replaced atomically); anything else is refused")
     a.add_argument("--target", default=None, help="class index, label text, or top1 (default)")
     a.add_argument("--method", default="naflow", choices=METHODS)
     a.add_argument("--compare", choices=METHODS, help="second method, drawn as a second row")
@@ -411,7 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", help="a registry name (see `naflow models`)")
     e.add_argument("--weights", help="state dict file (loaded with weights_only=True)")
     e.add_argument("--input-shape", help="e.g. 1,3,224,224")
-    e.add_argument("-o", required=True, help="output .onnx path")
+    e.add_argument("-o", required=True, help="output .onnx path (an existing file is replaced only "
+                   "if it is an ONNX model)")
     e.add_argument("--exporter", choices=["legacy", "dynamo"], default="legacy")
     e.add_argument("--keep-batchnorm", action="store_true", help="do not fold BN into convs")
     e.add_argument("--preprocess", help="preset written into metadata_props")

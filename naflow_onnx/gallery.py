@@ -33,7 +33,7 @@ import traceback
 from pathlib import Path
 
 from .errors import NAFlowError
-from .io import atomic_dir, write_json
+from .io import atomic_dir, check_output_dir, current_umask, write_json
 
 SCHEMA = "naflow-onnx/gallery"
 SCHEMA_VERSION = 1
@@ -260,9 +260,7 @@ Parity: torch rebuild against onnxruntime. Residual: largest normal-equation res
 
 def _usual_permissions(path: Path) -> None:
     """mkdtemp/mkstemp create 0700/0600 entries; a gallery is meant to be shared: apply the umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~current_umask())
 
 
 def build_gallery(out_dir, models=None, image=None, size_override: int | None = None,
@@ -290,9 +288,10 @@ def build_gallery(out_dir, models=None, image=None, size_override: int | None = 
     if not image.is_file():
         raise NAFlowError(f"image not found: {image}")
     out_dir = Path(out_dir)
+    check_output_dir(out_dir)           # refused before any export, nothing touched
     started = time.perf_counter()
     rows = []
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, "gallery") as tmp:
         _usual_permissions(tmp)
         (tmp / "onnx").mkdir()
         bar = tqdm(names, desc="gallery", unit="model", disable=not progress)
@@ -319,7 +318,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="naflow gallery",
                                 description="Export every registry model to ONNX, analyse one photo "
                                             "with NAFlow, and write index.html + one picture per model.")
-    p.add_argument("--out", required=True, help="output folder (replaced atomically)")
+    p.add_argument("--out", required=True, help="output folder: new, empty or an earlier naflow "
+                   "output (replaced atomically); anything else is refused")
     p.add_argument("--models", help="comma-separated registry names (default: all)")
     p.add_argument("--image", help="photo to analyse (default: skimage's chelsea.png)")
     p.add_argument("--size", type=int, default=None,

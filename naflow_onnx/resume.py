@@ -15,8 +15,12 @@ result, the naflow-onnx version). With ``resume=True`` an image is skipped when 
 with the same key in the staging folder (a run that was interrupted or failed) or in ``OUT``
 itself (a finished run; the entry is hard-linked into the staging folder). Without ``resume`` a
 leftover staging folder is removed first. When the run ends, the staging folder replaces ``OUT``
-in one rename (as ``io.atomic_dir`` does), markers included, so a later ``--resume`` can build on
-a finished run too.
+in one rename (``io.replace_dir``, as ``io.atomic_dir`` does), markers included, so a later
+``--resume`` can build on a finished run too.
+
+``OUT`` and the staging folder follow the output-folder rule of ``naflow_onnx.io``: both must be
+absent, empty or naflow's own (the ``.naflow-output`` marker, written into every staging folder);
+anything else is refused before anything is touched.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import OutputError
+from .io import current_umask, atomic_write, check_output_dir, make_staging_dir, replace_dir
 
 MARKER = ".naflow-state.json"
 STATE_SCHEMA = "naflow-onnx/state"
@@ -55,24 +59,6 @@ def path_digest(path) -> str | None:
     return None
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())        # as a plain open() would create it
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _link_or_copy(src, dst):
     try:
         os.link(src, dst)
@@ -85,8 +71,10 @@ class RunState:
     ``markers=False`` (a one-image run): a temporary staging folder as ``io.atomic_dir``'s,
     nothing to resume, removed on failure."""
 
-    def __init__(self, out, *, resume: bool = False, markers: bool = True):
+    def __init__(self, out, *, resume: bool = False, markers: bool = True,
+                 command: str = "naflow"):
         self.out = Path(out)
+        self.command = command
         parent = self.out.parent if str(self.out.parent) else Path(".")
         self.stage = parent / f".{self.out.name}.partial"
         self.resume, self.markers = bool(resume), markers
@@ -95,18 +83,13 @@ class RunState:
 
     def open(self) -> Path:
         if not self._open:
-            try:
-                if not self.markers:    # nothing to resume: a fresh temporary name, as atomic_dir
-                    self.stage.parent.mkdir(parents=True, exist_ok=True)
-                    self.stage = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-",
-                                                       dir=self.stage.parent))
-                else:
-                    if self.stage.exists() and not self.resume:
-                        shutil.rmtree(self.stage)
-                    self.stage.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise OutputError(f"cannot write to output folder '{self.out}': "
-                                  f"{exc.strerror or exc}") from None
+            check_output_dir(self.out)
+            if not self.markers:    # nothing to resume: a fresh temporary name, as atomic_dir
+                self.stage = make_staging_dir(self.out, self.command)
+            else:
+                if check_output_dir(self.stage) != "absent" and not self.resume:
+                    shutil.rmtree(self.stage)       # an owned leftover of an earlier run
+                self.stage = make_staging_dir(self.out, self.command, name=self.stage.name)
             self._open = True
         return self.stage
 
@@ -143,11 +126,11 @@ class RunState:
         if not folder:
             for rel, data in files.items():
                 (stage / rel).parent.mkdir(parents=True, exist_ok=True)
-                _atomic_write(stage / rel, data)
+                atomic_write(stage / rel, data)
             return
         tmp = Path(tempfile.mkdtemp(prefix=".entry-", dir=stage))
         try:
-            os.chmod(tmp, 0o777 & ~_umask())        # as a plain mkdir would create it
+            os.chmod(tmp, 0o777 & ~current_umask())        # as a plain mkdir would create it
             for rel, data in files.items():
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 (tmp / rel).write_bytes(data)
@@ -169,15 +152,7 @@ class RunState:
 
     def finish(self) -> Path:
         """The staging folder replaces OUT in one rename."""
-        stage = self.open()
-        parent = self.out.parent if str(self.out.parent) else Path(".")
-        old = None
-        if self.out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old-", dir=parent))
-            os.rename(self.out, old / "previous")
-        os.rename(stage, self.out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(self.open(), self.out)
         self._open = False
         return self.out
 

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -385,12 +383,9 @@ def write_baseline(path, meta: dict, maps: list[list[np.ndarray]]) -> Path:
     """Write atomically: ``meta`` (a uint8 array of UTF-8 JSON) and ``map_IIII_LLLL`` arrays
     (image i of meta["images"], layer l of meta["model"]["layers"]). Byte-identical for identical
     content."""
+    from ..io import atomic_file
     path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
             def put(key, arr):
                 info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
@@ -402,10 +397,6 @@ def write_baseline(path, meta: dict, maps: list[list[np.ndarray]]) -> Path:
             for i, per_image in enumerate(maps):
                 for j, m in enumerate(per_image):
                     put(f"map_{i:04d}_{j:04d}", np.asarray(m, np.float32))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -442,6 +433,15 @@ def read_baseline(path) -> Baseline:
         raise BaselineError(f"{path}: baseline schema_version {meta.get('schema_version')} is not "
                             f"supported (this naflow reads {BASELINE_VERSION}); record it again")
     return Baseline(path, meta, npz)
+
+
+def is_baseline_file(path) -> bool:
+    """a naflow baseline file"""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return json.loads(bytes(npz["meta"]).decode()).get("schema") == BASELINE_SCHEMA
+    except Exception:  # noqa: BLE001 - anything unreadable is not a baseline
+        return False
 
 
 def comparable_preprocess(d: dict) -> dict:

@@ -585,7 +585,7 @@ def write_reports(out, report: dict, extras: dict, html_all: bool = False, state
         rp.write_junit(tmp / "junit.xml", report)
         rp.write_html(tmp / "report.html", report, extras, include_passing=html_all)
     if state is None:
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out, "check") as tmp:
             write(tmp)
     else:
         write(state.open())
@@ -631,7 +631,8 @@ def build_check_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="the check configuration (TOML)")
     p.add_argument("--baseline", help="a baseline .npz from `naflow baseline` (overrides "
                    "[baseline] path)")
-    p.add_argument("--out", default=DEFAULT_OUT, help=f"report folder, replaced atomically "
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"report folder: new, empty or an earlier "
+                   f"naflow output (replaced atomically; anything else is refused) "
                    f"(default: {DEFAULT_OUT}/): report.json, junit.xml, report.html")
     _common(p, resume=True)
     p.add_argument("--html-all", action="store_true", help="draw the flows of passing images too")
@@ -672,10 +673,12 @@ def _guard(fn, args) -> int:
 
 
 def _cmd_check(args) -> int:
+    from ..io import check_output_dir
     from ..resume import RunState
     if args.jobs < 1:
         raise NAFlowError(f"--jobs must be >= 1, got {args.jobs}")
-    state = RunState(args.out, resume=args.resume)
+    check_output_dir(args.out)          # refused before any analysis, nothing touched
+    state = RunState(args.out, resume=args.resume, command="check")
     try:
         code, report, extras = run_check(args, state)
         out = write_reports(args.out, report, extras, html_all=args.html_all, state=state)
@@ -764,14 +767,16 @@ def build_baseline_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="the check configuration (TOML): its inputs "
                    "and [analysis] settings are used")
     p.add_argument("-o", "--output", dest="o", required=True, help="the baseline file (.npz), "
-                   "written atomically")
+                   "written atomically; an existing file is replaced only if it is a baseline")
     _common(p)
     return p
 
 
 def _cmd_baseline(args) -> int:
+    from ..io import check_output_file
     if args.jobs < 1:
         raise NAFlowError(f"--jobs must be >= 1, got {args.jobs}")
+    check_output_file(args.o, "baseline file", ck.is_baseline_file)     # before any work
     meta = record_baseline(args)
     print(f"naflow baseline: {len(meta['images'])} images x {len(meta['model']['layers'])} layers "
           f"of model sha256 {meta['model']['sha256'][:12]} ({meta['analysis']['method']}) -> {args.o}")

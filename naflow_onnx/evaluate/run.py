@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Per layer and method: energy inside the object mask, pointing game, deletion and "
         "insertion AUC, and the model-parameter randomisation test (docs/evaluation.md)."))
     p.add_argument("model", help="the .onnx classifier")
-    p.add_argument("--out", required=True, help="output folder (replaced atomically)")
+    p.add_argument("--out", required=True, help="output folder: new, empty or an earlier naflow "
+                   "output (replaced atomically); anything else is refused")
     p.add_argument("--dataset", default="synthetic",
                    help="synthetic (generated, with masks; default), photos (skimage photos with "
                         "hand-drawn boxes), or a .npz written by evaluate.synthetic.save_dataset")
@@ -207,10 +208,11 @@ def evaluate(args) -> "Evaluation":  # noqa: F821
 
 
 def _cmd_evaluate(args) -> int:
-    from ..io import atomic_dir
+    from ..io import atomic_dir, check_output_dir
 
+    check_output_dir(args.out)          # refused before the (long) evaluation, nothing touched
     ev = evaluate(args)
-    with atomic_dir(args.out) as tmp:
+    with atomic_dir(args.out, "evaluate") as tmp:
         ev.write(tmp)
     if args.json:
         import json

@@ -35,12 +35,12 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from ..io import atomic_write
 
 GENERATOR_VERSION = 1
 CLASSES = ("circle_striped", "circle_dotted", "square_striped", "square_dotted")
@@ -220,22 +220,6 @@ def make_dataset(n: int, seed: int, size: int = 96, balanced: bool = True) -> di
     return dict(images=images, labels=labels, masks=masks)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_dataset(path, data: dict, **meta) -> None:
     """Write ``data`` (as returned by make_dataset) to an .npz file atomically.
 
@@ -245,7 +229,7 @@ def save_dataset(path, data: dict, **meta) -> None:
     meta = dict(meta, generator_version=GENERATOR_VERSION, classes=list(CLASSES))
     np.savez_compressed(buf, images=data["images"], labels=data["labels"], masks=data["masks"],
                         meta=np.array(json.dumps(meta, sort_keys=True)))
-    _atomic_write_bytes(Path(path), buf.getvalue())
+    atomic_write(Path(path), buf.getvalue())
 
 
 def load_dataset(path) -> dict:

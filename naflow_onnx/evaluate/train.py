@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -32,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..io import atomic_write
 from . import nets
 from .synthetic import CLASSES, GENERATOR_VERSION, make_dataset
 
@@ -105,22 +104,6 @@ def export_onnx(model: torch.nn.Module, size: int, meta: dict) -> bytes:
         entry.key, entry.value = key, json.dumps(value, sort_keys=True)
     onnx.checker.check_model(proto)
     return proto.SerializeToString()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _data(n: int, seed: int, size: int, cache_dir: Path | None):
@@ -197,7 +180,7 @@ def _train(arch: str, out: Path | None, n_train: int, n_test: int, epochs: int, 
                                                "train_seed", "test_seed", "train_acc", "test_acc")})
         data = export_onnx(model, size, meta)
         summary["onnx_test_acc"] = onnx_accuracy(data, xte, yte)
-        _atomic_write(Path(out), data)
+        atomic_write(Path(out), data)
         summary["onnx_path"] = str(out)
         summary["onnx_bytes"] = len(data)
     summary["history"] = history
@@ -263,7 +246,7 @@ def main(argv=None) -> int:
         print(json.dumps({k: v for k, v in s.items() if k != "history"}), flush=True)
         summaries.append(s)
     if a.report is not None:
-        _atomic_write(a.report, json.dumps(summaries, indent=1).encode())
+        atomic_write(a.report, json.dumps(summaries, indent=1).encode())
     bad = [s["arch"] for s in summaries if s["test_acc"] < a.min_acc]
     if bad:
         print(f"test accuracy below {a.min_acc}: {bad}", file=sys.stderr)
