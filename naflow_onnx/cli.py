@@ -46,6 +46,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-iter", type=int, default=2000)
     p.add_argument("--parity-tol", type=float, default=1e-3)
     p.add_argument("--max-model-bytes", type=int, default=None)
+    p.add_argument("--max-image-pixels", type=int, default=None,
+                   help="refuse image files over this many pixels (default: PIL's limit, "
+                        "about 89 million)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch and onnxruntime (default: their own choice)")
 
@@ -67,13 +70,16 @@ def analyzer_from_args(args):
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
+    if getattr(args, "max_image_pixels", None) is not None and args.max_image_pixels < 1:
+        raise NAFlowError(f"--max-image-pixels must be >= 1, got {args.max_image_pixels}")
     return Analyzer(args.model, preprocess=args.preprocess, mean=args.mean, std=args.std,
                     size=args.size, layout=args.layout, provider=args.provider, device=args.device,
                     damp=DEFAULT_DAMP if args.damp is None else args.damp,
                     conv_inverse=args.conv_inverse, tol=args.tol, max_iter=args.max_iter,
                     parity_tol=args.parity_tol, labels=args.labels, output=args.output,
                     embedding_output=getattr(args, "embedding_output", None),
-                    max_model_bytes=args.max_model_bytes or DEFAULT_MAX_BYTES)
+                    max_model_bytes=args.max_model_bytes or DEFAULT_MAX_BYTES,
+                    max_image_pixels=getattr(args, "max_image_pixels", None))
 
 
 def _summary(flow, folder: Path) -> dict:
@@ -132,7 +138,7 @@ def similarity_flows(analyzer, image, args, progress=None):
 
 # run-level options of `analyze`: they do not change any result (not part of the resume key)
 RUN_OPTIONS = ("out", "json", "quiet", "threads", "backend", "address", "workers", "resume",
-               "retries", "debug", "func", "command", "images")
+               "retries", "debug", "func", "command", "images", "max_image_pixels")
 
 
 def check_backend_args(args) -> None:

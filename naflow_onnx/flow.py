@@ -159,7 +159,7 @@ class Analyzer:
                  damp: float = DEFAULT_DAMP, conv_inverse: str = "lsq", tol: float = 1e-4,
                  max_iter: int = 2000, parity_tol: float = 1e-3, labels=None,
                  output: str | None = None, embedding_output: str | None = None,
-                 max_model_bytes: int = DEFAULT_MAX_BYTES):
+                 max_model_bytes: int = DEFAULT_MAX_BYTES, max_image_pixels: int | None = None):
         if conv_inverse not in ("lsq", "paper"):
             raise NAFlowError(f"--conv-inverse must be 'lsq' or 'paper', not '{conv_inverse}'")
         if damp < 0:
@@ -178,6 +178,7 @@ class Analyzer:
         self.opts = SolverOptions(damp=float(damp), tol=tol, max_iter=max_iter,
                                   conv_inverse=conv_inverse)
         self.parity_tol = parity_tol
+        self.max_image_pixels = max_image_pixels        # None: preprocess.DEFAULT_MAX_IMAGE_PIXELS
         self._plans: dict[tuple, Plan] = {}
         self._constants: dict[str, torch.Tensor] | None = None
         emb = embedding_output or self.graph.metadata.get("naflow.embedding_output")
@@ -201,7 +202,7 @@ class Analyzer:
     def embed(self, image) -> np.ndarray:
         """The embedding of an image (onnxruntime only), before L2 normalisation."""
         name = self._need_embedding()
-        view, _ = pp_mod.load_image(image, self.preprocess.size)
+        view, _ = pp_mod.load_image(image, self.preprocess.size, self.max_image_pixels)
         captured = self.capture.run(self.preprocess.to_input(view))
         return np.asarray(captured[name], np.float64).reshape(-1)
 
@@ -230,7 +231,7 @@ class Analyzer:
             if m not in METHODS:
                 raise NAFlowError(f"unknown method '{m}' (choose from {', '.join(METHODS)})")
         mg = self.graph
-        view, note = pp_mod.load_image(image, self.preprocess.size)
+        view, note = pp_mod.load_image(image, self.preprocess.size, self.max_image_pixels)
         x = self.preprocess.to_input(view)
         values, par, timings = self.forward(x)
         pl = self.plan_for(values, getattr(objective, "score_name", None))

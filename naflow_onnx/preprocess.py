@@ -7,6 +7,8 @@ model's channel order), and lay out as NCHW or NHWC. The cropped RGB view is wha
 from __future__ import annotations
 
 import json
+import warnings
+import zlib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -16,6 +18,9 @@ from PIL import Image, UnidentifiedImageError
 from .errors import ImageError, PreprocessError
 
 METADATA_KEY = "naflow.preprocess"
+# an image file over this many pixels is refused before it is decoded (PIL's own limit, above
+# which it warns; a 110 kB PNG can declare 30000 x 30000 pixels): --max-image-pixels changes it
+DEFAULT_MAX_IMAGE_PIXELS = int(Image.MAX_IMAGE_PIXELS or 89_478_485)
 
 PRESETS = {
     "imagenet": dict(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], divisor=255.0,
@@ -167,10 +172,43 @@ def _to_rgb_uint8(img: Image.Image, where: str) -> tuple[np.ndarray, str | None]
     return np.asarray(img, dtype=np.uint8), note
 
 
-def load_image(source, size: tuple[int, int]) -> tuple[np.ndarray, str | None]:
+def open_image(path, max_pixels: int | None = None) -> Image.Image:
+    """A decoded image file; a folder, an empty, unreadable or truncated file, or one over
+    ``max_pixels`` (default ``DEFAULT_MAX_IMAGE_PIXELS``; checked on the header, before
+    decoding) is an ImageError naming the path."""
+    path = Path(path)
+    limit = DEFAULT_MAX_IMAGE_PIXELS if max_pixels is None else int(max_pixels)
+    if path.is_dir():
+        raise ImageError(f"{path}: a folder, not an image file")
+    if not path.is_file():
+        raise ImageError(f"image not found: {path}")
+    if path.stat().st_size == 0:
+        raise ImageError(f"{path}: cannot read the image (empty file, 0 bytes)")
+    if limit > 2 * (Image.MAX_IMAGE_PIXELS or limit):
+        Image.MAX_IMAGE_PIXELS = limit      # PIL's own check must not refuse first
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)          # reads the header only
+            if img.width * img.height > limit:
+                raise ImageError(f"{path}: {img.width}x{img.height} = {img.width * img.height} "
+                                 f"pixels exceeds the limit of {limit} pixels (--max-image-pixels)")
+            img.load()
+    except Image.DecompressionBombError:    # PIL's own check (at twice its limit) came first
+        raise ImageError(f"{path}: the image exceeds the limit of {limit} pixels "
+                         "(--max-image-pixels)") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, zlib.error) as exc:
+        raise ImageError(f"{path}: cannot read the image ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else 'corrupt'})") from None
+    return img
+
+
+def load_image(source, size: tuple[int, int],
+               max_pixels: int | None = None) -> tuple[np.ndarray, str | None]:
     """An image path, PIL image or H×W×3 uint8 array -> (uint8 view at ``size``, note).
 
-    The shorter side is resized to cover ``size``, then the centre is cropped.
+    The shorter side is resized to cover ``size``, then the centre is cropped. A path is read
+    with ``open_image`` (``max_pixels``: its pixel limit).
     """
     if isinstance(source, np.ndarray):
         if source.ndim == 2:
@@ -182,16 +220,7 @@ def load_image(source, size: tuple[int, int]) -> tuple[np.ndarray, str | None]:
     elif isinstance(source, Image.Image):
         img, where = source, "image"
     else:
-        path = Path(source)
-        where = str(path)
-        if not path.is_file():
-            raise ImageError(f"image not found: {path}")
-        try:
-            img = Image.open(path)
-            img.load()
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-            raise ImageError(f"{path}: cannot read the image ({type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else 'corrupt'})") from None
+        img, where = open_image(source, max_pixels), str(source)
     view, note = _to_rgb_uint8(img, where)
     h, w = size
     img = Image.fromarray(view)
