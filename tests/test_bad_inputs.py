@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import signal
+import struct
 import subprocess
 import sys
-import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import naflow_onnx as nf
+from naflow_onnx import testhooks
 from naflow_onnx.errors import ImageError, ModelError, NAFlowError, ParityError, PreprocessError
 
 from conftest import ROOT
@@ -169,22 +172,141 @@ def test_errors_are_one_line_naflow_errors():
         assert issubclass(cls, NAFlowError)
 
 
-def test_interrupt_leaves_no_output(mobilenet_onnx, photos, tmp_path):
+# ------------------------------------------------------------------------------------------------
+# hostile images: one line, exit 2, no output
+
+
+def png_header(path: Path, width: int, height: int) -> Path:
+    """A PNG declaring ``width`` x ``height`` pixels with no pixel data: what a decompression bomb
+    shows before it is decoded (a real one is ~100 kB of zlib zeros)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data +
+                struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" +
+                     chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) +
+                     chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+    return path
+
+
+def written(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def analyze_in_process(capsys, model, image, out, *extra):
+    from naflow_onnx.cli import main
+    code = main(["analyze", str(model), str(image), "--out", str(out), "--quiet",
+                 *map(str, extra)])
+    return code, capsys.readouterr().err
+
+
+HOSTILE = {
+    # 900 million pixels: PIL's own check (at twice its limit) fires first
+    "bomb": (lambda d, img: png_header(d / "bomb.png", 30000, 30000), (),
+             "bomb.png: the image exceeds the limit of 89478485 pixels (--max-image-pixels)"),
+    # 100 million: over PIL's limit (where it only warns), under twice it: our check
+    "over-limit": (lambda d, img: png_header(d / "big.png", 10000, 10000), (),
+                   "big.png: 10000x10000 = 100000000 pixels exceeds the limit of 89478485"),
+    "own-limit": (lambda d, img: img, ("--max-image-pixels", 399),
+                  "img.png: 20x20 = 400 pixels exceeds the limit of 399 pixels"),
+    # a limit above PIL's is honoured: the bomb's header passes, its (absent) pixels do not
+    "raised-limit": (lambda d, img: png_header(d / "bomb.png", 30000, 30000),
+                     ("--max-image-pixels", 10**9), "bomb.png: cannot read the image"),
+    "truncated": (lambda d, img: written(d / "cut.png", img.read_bytes()[:200]), (),
+                  "cut.png: cannot read the image (OSError: image file is truncated"),
+    "zero-sized": (lambda d, img: written(d / "zero.png", b""), (),
+                   "zero.png: cannot read the image (empty file, 0 bytes)"),
+    "folder": (lambda d, img: d, (), ": a folder, not an image file"),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+def test_hostile_images(small_models, image, tmp_path, capsys, case):
+    make, extra, needle = HOSTILE[case]
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "naflow_onnx.cli", "analyze", str(mobilenet_onnx),
-                             str(photos["chelsea"]), "--out", str(out)], cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(tmp_path.glob(".out.tmp-*")):
-        time.sleep(0.2)                        # the run has started writing: interrupt it now
-    assert list(tmp_path.glob(".out.tmp-*")), "the analysis never started"
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    code, err = analyze_in_process(capsys, small_models["chain"][1], make(tmp_path, image), out,
+                                   *extra)
+    assert_refused(code, err, re.escape(needle), out)
+
+
+def test_image_at_the_pixel_limit_is_accepted(small_models, image, tmp_path, capsys):
+    code, err = analyze_in_process(capsys, small_models["chain"][1], image, tmp_path / "out",
+                                   "--max-image-pixels", 400)
+    assert code == 0, err
+    assert (tmp_path / "out" / "flow.json").is_file()
+
+
+# ------------------------------------------------------------------------------------------------
+# Ctrl-C at a known point (naflow_onnx.testhooks): no sleep, no race with the run
+
+
+class Paused:
+    """`naflow analyze ARGS` in a child process that stops at the N-th arrival at ``point`` and
+    waits there until ``resume()`` (or for ever: an interrupt is then certain to come mid-run)."""
+
+    def __init__(self, args, point: str, n: int = 1):
+        self.reached_r, reached_w = os.pipe()
+        resume_r, self.resume_w = os.pipe()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "naflow_onnx.cli", "analyze", *map(str, args)], cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT),
+                 testhooks.ENV: f"{point}:{n}:{reached_w}:{resume_r}"},
+            pass_fds=(reached_w, resume_r), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True)
+        os.close(reached_w)
+        os.close(resume_r)
+
+    def wait_reached(self, timeout: float = 300) -> None:
+        ready, _, _ = select.select([self.reached_r], [], [], timeout)
+        line = os.read(self.reached_r, 100) if ready else b""
+        if not line:                  # the child ended (or hung) before the point
+            self.proc.kill()
+            _, err = self.proc.communicate()
+            pytest.fail(f"the run never reached the pause point: {err}")
+
+    def finish(self, timeout: float = 300):
+        out, err = self.proc.communicate(timeout=timeout)
+        os.close(self.reached_r)
+        os.close(self.resume_w)
+        return self.proc.returncode, err
+
+
+def test_interrupt_leaves_no_output(small_models, image, tmp_path):
+    """SIGINT while the one image is being analysed: exit 130, no folder, no temporary."""
+    work = tmp_path / "work"
+    work.mkdir()
+    run = Paused([small_models["chain"][1], image, "--out", work / "out", "--quiet"],
+                 "analyze.image")
+    run.wait_reached()
+    assert [p.name.split("-")[0] for p in work.iterdir()] == [".out.tmp"]   # mid-run indeed
+    run.proc.send_signal(signal.SIGINT)
+    code, err = run.finish()
+    assert code == 130, err
     assert "interrupted" in err and "Traceback" not in err
-    assert not out.exists() and not list(tmp_path.iterdir())
+    assert not list(work.iterdir())
+
+
+def test_interrupt_keeps_finished_images_for_resume(small_models, image, tmp_path, capsys):
+    """SIGINT at the second of two images: the first stays in the marked staging folder and
+    --resume reuses it; the finished folder is the same as an uninterrupted run's."""
+    work = tmp_path / "work"
+    work.mkdir()
+    model, out = small_models["chain"][1], work / "out"
+    run = Paused([model, image, image, "--out", out, "--quiet"], "analyze.image", n=2)
+    run.wait_reached()
+    run.proc.send_signal(signal.SIGINT)
+    code, err = run.finish()
+    assert code == 130 and "Traceback" not in err, err
+    stage = work / ".out.partial"
+    assert sorted(p.name for p in work.iterdir()) == [".out.partial"]
+    assert sorted(p.name for p in stage.iterdir()) == [".naflow-output", "000_img"]
+    from naflow_onnx.cli import main
+    assert main(["analyze", str(model), str(image), str(image), "--out", str(out),
+                 "--resume"]) == 0
+    assert "1 of 2 images already done" in capsys.readouterr().err
+    assert sorted(p.name for p in work.iterdir()) == ["out"]
+    assert sorted(p.name for p in out.iterdir()) == [".naflow-output", "000_img", "001_img"]
+    assert (out / "000_img" / "maps.npz").read_bytes() == (out / "001_img" / "maps.npz").read_bytes()
 
 
 def test_weights_are_only_loaded_weights_only():

@@ -65,7 +65,7 @@ def test_analyze_several_images_json_summary(small_models, image_file, tmp_path)
     assert code == 0, stderr
     summary = json.loads(stdout)
     assert len(summary) == 2
-    assert sorted(p.name for p in out.iterdir()) == ["000_object", "001_object"]
+    assert sorted(p.name for p in out.iterdir()) == [".naflow-output", "000_object", "001_object"]
     assert (out / "001_object" / "flow.png").is_file()
 
 

@@ -42,8 +42,8 @@ def test_cascade_and_stages():
 
 def test_files_and_schema(plain_eval):
     out, doc, npz = plain_eval
-    assert sorted(p.name for p in out.iterdir()) == ["evaluation.json", "metrics.csv", "metrics.png",
-                                                    "per_image.npz", "summary.md"]
+    assert sorted(p.name for p in out.iterdir()) == [".naflow-output", "evaluation.json", "metrics.csv",
+                                                    "metrics.png", "per_image.npz", "summary.md"]
     assert doc["schema"] == "naflow-onnx/evaluation" and doc["schema_version"] == 1
     names = [v["name"] for v in doc["variants"]]
     assert names == ["naflow", "reference", "gradcam", "layercam", "gradxact"]

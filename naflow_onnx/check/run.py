@@ -18,6 +18,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import testhooks
 from ..errors import NAFlowError
 from . import checks as ck
 from .config import (DEFAULT_BASELINE_CORRELATION, CheckConfig, ConfigError, load_config)
@@ -453,6 +454,7 @@ def run_check(args, state=None) -> tuple[int, dict, dict]:
     try:
         for i, status, result in runner.analyses([(im, st.targets[im]) for im in todo]):
             bar.update(1)
+            testhooks.reached("check.result")
             if status == "ok":
                 flows[todo[i]] = result
                 if baseline is not None and matching is None:   # a refusal writes nothing
