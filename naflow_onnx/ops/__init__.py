@@ -62,6 +62,7 @@ class Sample:
     gate: str | None = None                      # the gate operand of a gated Mul
     known: tuple[str, ...] = ()                  # data operands held at their true value (a join)
     kind: str | None = None                      # the SolveRecord kind the rule must report
+    scale: float = 1.0                           # the data's standard deviation
     tol: float = 1e-4
     label: str = ""
 

@@ -120,7 +120,7 @@ register("HardSigmoid", ew.hard_sigmoid, rule=SQUASH, role=LAYOUT, elementwise=T
 register("Softplus", ew.unary(F.softplus), rule=SQUASH, role=LAYOUT, elementwise=True,
          samples=lambda: [Sample(X4)])
 register("HardSwish", ew.unary(F.hardswish), rule=SELF_GATE, role=LAYOUT, elementwise=True,
-         samples=lambda: [Sample({"x": (1, 3, 6, 6)}, check="frozen")])
+         samples=lambda: [Sample(X4, check="frozen", scale=3.0)])  # both sides of ±3
 
 
 def _arithmetic_samples(op: str) -> list[Sample]:
