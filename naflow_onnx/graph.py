@@ -18,23 +18,11 @@ import onnx
 import torch
 from onnx import numpy_helper
 
+from . import ops
 from .errors import ModelError, UnsupportedOpError
 from .rebuild import RebuiltNode, rebuild_node, unsupported_nodes
 
 DEFAULT_MAX_BYTES = 2 * 1024**3
-# ops the target score is read through: the paper explains pre-softmax scores (METHOD.md §2)
-_PROBABILITY_OPS = {"Softmax", "LogSoftmax", "Sigmoid"}
-_PASS_THROUGH = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast", "Dropout"}
-# ops a gate may pass through between its Sigmoid and the Mul it scales
-_GATE_PATH = {"Expand", "Reshape", "Unsqueeze", "Squeeze", "Identity", "Flatten", "Cast", "Tile",
-              "Add", "Sub", "Mul", "Div"}
-_GATE_SOURCES = {"Sigmoid", "HardSigmoid"}
-_SPATIAL_OPS = {"Conv", "ConvTranspose"}
-# ops whose output keeps its data inputs' N×C×H×W meaning (a Reshape/Transpose/Gemm breaks it)
-_LAYOUT_KEEPING = {"BatchNormalization", "Relu", "Clip", "LeakyRelu", "PRelu", "Elu", "Sigmoid",
-                   "HardSigmoid", "HardSwish", "Tanh", "Softplus", "MaxPool", "AveragePool", "Add",
-                   "Sub", "Mul", "Div", "Concat", "Split", "Pad", "Resize", "Upsample", "Identity",
-                   "Dropout", "Cast", "Max", "Min", "Sum", "Mean"}
 
 
 @dataclass
@@ -121,7 +109,7 @@ def load_model(source, max_bytes: int = DEFAULT_MAX_BYTES, output: str | None = 
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     g = model.graph
 
-    bad = unsupported_nodes(list(g.node))
+    bad = unsupported_nodes(list(g.node), opset)
     if bad:
         listing = ", ".join(f"{op} (node '{name}')" for op, name in bad)
         raise UnsupportedOpError(f"{where}: unsupported ops: {listing}")
@@ -189,9 +177,9 @@ def _score_tensor(nodes: list[RebuiltNode], producer: dict[str, int], output: st
     probe = output
     while probe in producer:
         node = nodes[producer[probe]]
-        if node.op_type in _PROBABILITY_OPS:
+        if ops.is_probability(node):  # the paper explains pre-softmax scores (METHOD.md §2)
             return node.inputs[0]
-        if node.op_type not in _PASS_THROUGH:
+        if not ops.is_shape_only(node):
             break
         probe = node.inputs[0]
     return output
@@ -203,7 +191,7 @@ def embedding_tensor(mg: "ModelGraph", output: str) -> str:
     probe = output
     while probe in mg.producer:
         node = mg.nodes[mg.producer[probe]]
-        if node.op_type in _PASS_THROUGH or node.op_type == "LpNormalization":
+        if ops.is_shape_only(node) or node.op_type == "LpNormalization":
             probe = node.inputs[0]
             continue
         if node.op_type == "Div" and _depends_on(mg, node.inputs[1], node.inputs[0]):
@@ -266,9 +254,9 @@ def _gate_operand(mg: ModelGraph, node: RebuiltNode, data: set[str]) -> str | No
         probe = t
         while probe in mg.producer:
             p = mg.nodes[mg.producer[probe]]
-            if p.op_type in _GATE_SOURCES:
+            if ops.is_gate_source(p):
                 return t
-            if p.op_type not in _GATE_PATH:
+            if not ops.is_gate_path(p):
                 break
             ins = [i for i in p.inputs if i in data]
             if len(ins) != 1:
@@ -311,8 +299,8 @@ def plan(mg: ModelGraph, values: dict[str, torch.Tensor], score: str | None = No
     after_conv: set[str] = set()
     for n in mg.nodes:
         ins = [t for t in n.inputs if t in data and t != gates.get(n.index)]
-        keeps = n.op_type in _LAYOUT_KEEPING and ins and all(t in after_conv for t in ins)
-        if n.op_type in _SPATIAL_OPS or keeps:
+        keeps = ops.keeps_layout(n) and ins and all(t in after_conv for t in ins)
+        if ops.makes_features(n) or keeps:
             after_conv |= {o for o in n.outputs if o in data}
 
     def spatial(t: str) -> bool:

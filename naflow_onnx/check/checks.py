@@ -18,7 +18,6 @@ from ..errors import NAFlowError
 
 BASELINE_SCHEMA = "naflow-onnx/baseline"
 BASELINE_VERSION = 1
-WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 class BaselineError(NAFlowError):
@@ -331,10 +330,12 @@ def weight_layers(model) -> list[tuple[str, str]]:
     """(node name, weight initializer) of every Conv/ConvTranspose/Gemm/MatMul with a constant
     float weight, in graph (topological) order."""
     import onnx
+
+    from ..ops import weight_inputs
     inits = {i.name: i for i in model.graph.initializer}
     out = []
     for k, node in enumerate(model.graph.node):
-        if node.op_type in WEIGHT_OPS and len(node.input) > 1 and node.input[1] in inits \
+        if weight_inputs(node) and len(node.input) > 1 and node.input[1] in inits \
                 and inits[node.input[1]].data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE,
                                                        onnx.TensorProto.FLOAT16):
             out.append((node.name or f"{node.op_type}_{k}", node.input[1]))

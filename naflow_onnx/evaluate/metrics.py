@@ -350,9 +350,6 @@ def randomisation_test(original, randomised: Sequence, absolute: bool = False) -
     return [spearman(original, r, absolute) for r in randomised]
 
 
-_WEIGHT_OPS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (1, 2), "MatMul": (1, 0)}
-
-
 def _constant_sources(model) -> dict:
     """name -> TensorProto for graph initializers, Constant nodes (``value``) and Identity
     nodes of those (the TorchScript exporter emits ``Identity`` for de-duplicated constants)."""
@@ -385,17 +382,20 @@ def weight_bearing_nodes(model) -> list[tuple[int, str, list[int]]]:
     topological order. Only the main graph is scanned. Unnamed nodes are called
     ``<op>_<index>``.
     """
+    from ..ops import weight_inputs
+
     consts = _constant_sources(model)
     out = []
     for i, node in enumerate(model.graph.node):
-        if node.op_type not in _WEIGHT_OPS:
+        weights = weight_inputs(node)
+        if not weights:
             continue
         if node.op_type == "MatMul":
-            slots = [j for j in (1, 0) if node.input[j] in consts][:1]
+            slots = [j for j in weights if node.input[j] in consts][:1]
         else:
             if len(node.input) < 2 or node.input[1] not in consts:
                 continue  # weight is computed, not a parameter
-            slots = [j for j in _WEIGHT_OPS[node.op_type] if j < len(node.input) and node.input[j] in consts]
+            slots = [j for j in weights if j < len(node.input) and node.input[j] in consts]
         if slots:
             out.append((i, node.name or f"{node.op_type}_{i}", slots))
     return out[::-1]

@@ -1,4 +1,5 @@
-"""ONNX node -> torch function. One registry keyed by op type; files by op family.
+"""ONNX node -> torch function, files by op family. Which function serves which op is the op
+registry's business (``naflow_onnx/ops/catalog.py``).
 
 A rebuilt node runs on torch tensors, so autograd gives Lambda (importance) and the Jacobians the
 inverse rules need. Every op function takes ``(node, inputs)`` where ``inputs`` is a list of
@@ -17,18 +18,6 @@ from onnx import helper, numpy_helper
 from ..errors import UnsupportedOpError
 
 OpFn = Callable[["RebuiltNode", list], "torch.Tensor | list[torch.Tensor]"]
-OPS: dict[str, OpFn] = {}
-
-
-def register(*op_types: str):
-    """Register a torch implementation for one or more ONNX op types (default domain)."""
-
-    def deco(fn: OpFn) -> OpFn:
-        for op_type in op_types:
-            OPS[op_type] = fn
-        return fn
-
-    return deco
 
 
 @dataclass
@@ -70,21 +59,27 @@ def node_name(node: onnx.NodeProto, index: int) -> str:
     return node.name or f"{node.op_type}_{index}"
 
 
+def _rebuild_fn(node: onnx.NodeProto, opset: int) -> OpFn | None:
+    # the registry imports the op families of this package: asked at call time, not import time
+    from ..ops import rebuild_fn
+    return rebuild_fn(node.op_type, opset, node.domain)
+
+
 def rebuild_node(node: onnx.NodeProto, index: int, opset: int) -> RebuiltNode:
-    if node.domain not in ("", "ai.onnx") or node.op_type not in OPS:
+    fn = _rebuild_fn(node, opset)
+    if fn is None:
         dom = f" (domain '{node.domain}')" if node.domain not in ("", "ai.onnx") else ""
         raise UnsupportedOpError(
             f"unsupported op {node.op_type}{dom} at node '{node_name(node, index)}': no torch rebuild")
     return RebuiltNode(index=index, name=node_name(node, index), op_type=node.op_type,
                        inputs=list(node.input), outputs=list(node.output),
                        attrs={a.name: _decode_attr(a) for a in node.attribute}, opset=opset,
-                       fn=OPS[node.op_type])
+                       fn=fn)
 
 
-def unsupported_nodes(nodes: list[onnx.NodeProto]) -> list[tuple[str, str]]:
-    """(op type, node name) of every node without a torch rebuild."""
-    return [(n.op_type, node_name(n, i)) for i, n in enumerate(nodes)
-            if n.domain not in ("", "ai.onnx") or n.op_type not in OPS]
+def unsupported_nodes(nodes: list[onnx.NodeProto], opset: int) -> list[tuple[str, str]]:
+    """(op type, node name) of every node without a torch rebuild at ``opset``."""
+    return [(n.op_type, node_name(n, i)) for i, n in enumerate(nodes) if _rebuild_fn(n, opset) is None]
 
 
 def ints(t) -> list[int]:
@@ -105,6 +100,3 @@ def scalar(t, default=None):
         return t.reshape(-1)[0].item()
     return t
 
-
-# Importing the op families fills OPS.
-from . import conv, elementwise, pooling, shape  # noqa: E402,F401

@@ -5,7 +5,6 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UnsupportedOpError
-from . import register
 
 
 def spatial_pads(node, x: torch.Tensor, kernel: list[int], strides: list[int],
@@ -45,7 +44,6 @@ def _conv_fn(nd: int, transpose: bool = False):
     return getattr(F, name, None)
 
 
-@register("Conv")
 def conv(node, inputs):
     x, w = inputs[0], inputs[1]
     b = inputs[2] if len(inputs) > 2 else None
@@ -63,7 +61,6 @@ def conv(node, inputs):
     return fn(F.pad(x, torch_pad(pads)), w, b, strides, 0, dil, groups)
 
 
-@register("ConvTranspose")
 def conv_transpose(node, inputs):
     x, w = inputs[0], inputs[1]
     b = inputs[2] if len(inputs) > 2 else None
@@ -87,7 +84,6 @@ def conv_transpose(node, inputs):
     return y[tuple(slices)]
 
 
-@register("BatchNormalization")
 def batch_norm(node, inputs):
     x, scale, bias, mean, var = inputs[:5]
     eps = float(node.attr("epsilon", 1e-5))
@@ -96,7 +92,6 @@ def batch_norm(node, inputs):
     return (x - mean.reshape(shape)) * inv.reshape(shape) + bias.reshape(shape)
 
 
-@register("Gemm")
 def gemm(node, inputs):
     a, b = inputs[0], inputs[1]
     c = inputs[2] if len(inputs) > 2 else None
@@ -110,6 +105,5 @@ def gemm(node, inputs):
     return y
 
 
-@register("MatMul")
 def matmul(node, inputs):
     return torch.matmul(inputs[0], inputs[1])

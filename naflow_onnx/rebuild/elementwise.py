@@ -4,21 +4,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import register, scalar
+from . import scalar
 
 
-def _binary(fn):
+SELU_ALPHA, SELU_GAMMA = 1.67326319217681884765625, 1.05070102214813232421875  # ONNX defaults
+
+
+def binary(fn):
+    """The op function of a two-input torch function (``torch.add``, ...)."""
     return lambda node, inputs: fn(inputs[0], inputs[1])
 
 
-for _op, _fn in {"Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Pow": torch.pow,
-                 "Equal": torch.eq, "Less": torch.lt, "Greater": torch.gt,
-                 "LessOrEqual": torch.le, "GreaterOrEqual": torch.ge,
-                 "And": torch.logical_and, "Or": torch.logical_or}.items():
-    register(_op)(_binary(_fn))
-
-
-@register("Div")
 def div(node, inputs):
     a, b = inputs
     if not a.is_floating_point() and not b.is_floating_point():
@@ -26,19 +22,11 @@ def div(node, inputs):
     return a / b
 
 
-def _unary(fn):
+def unary(fn):
+    """The op function of a one-input torch function (``torch.relu``, ...)."""
     return lambda node, inputs: fn(inputs[0])
 
 
-for _op, _fn in {"Relu": torch.relu, "Sigmoid": torch.sigmoid, "Tanh": torch.tanh,
-                 "Exp": torch.exp, "Log": torch.log, "Sqrt": torch.sqrt, "Neg": torch.neg,
-                 "Abs": torch.abs, "Reciprocal": torch.reciprocal, "Floor": torch.floor,
-                 "Ceil": torch.ceil, "Not": torch.logical_not, "Erf": torch.erf,
-                 "Softplus": F.softplus, "HardSwish": F.hardswish}.items():
-    register(_op)(_unary(_fn))
-
-
-@register("Identity", "Dropout")
 def identity(node, inputs):
     out = [inputs[0]]
     if len(node.outputs) > 1:  # Dropout's optional mask output
@@ -46,7 +34,6 @@ def identity(node, inputs):
     return out
 
 
-@register("Clip")
 def clip(node, inputs):
     x = inputs[0]
     if node.opset < 11:
@@ -57,17 +44,20 @@ def clip(node, inputs):
     return torch.clamp(x, lo, hi)
 
 
-@register("LeakyRelu")
 def leaky_relu(node, inputs):
     return F.leaky_relu(inputs[0], float(node.attr("alpha", 0.01)))
 
 
-@register("Elu")
 def elu(node, inputs):
     return F.elu(inputs[0], float(node.attr("alpha", 1.0)))
 
 
-@register("PRelu")
+def selu(node, inputs):
+    x = inputs[0]
+    alpha, gamma = float(node.attr("alpha", SELU_ALPHA)), float(node.attr("gamma", SELU_GAMMA))
+    return gamma * torch.where(x > 0, x, alpha * torch.expm1(x))
+
+
 def prelu(node, inputs):
     x, slope = inputs
     if slope.dim() == 1 and x.dim() > 2 and slope.numel() == x.shape[1]:
@@ -75,13 +65,11 @@ def prelu(node, inputs):
     return torch.where(x >= 0, x, x * slope)
 
 
-@register("HardSigmoid")
 def hard_sigmoid(node, inputs):
     alpha, beta = float(node.attr("alpha", 0.2)), float(node.attr("beta", 0.5))
     return torch.clamp(alpha * inputs[0] + beta, 0.0, 1.0)
 
 
-@register("Max", "Min", "Sum", "Mean")
 def variadic(node, inputs):
     out = inputs[0]
     for t in inputs[1:]:
@@ -94,7 +82,6 @@ def variadic(node, inputs):
     return out / len(inputs) if node.op_type == "Mean" else out
 
 
-@register("Where")
 def where(node, inputs):
     return torch.where(inputs[0].bool(), inputs[1], inputs[2])
 
@@ -110,10 +97,9 @@ def _softmax_like(fn):
     return run
 
 
-register("Softmax")(_softmax_like(torch.softmax))
-register("LogSoftmax")(_softmax_like(torch.log_softmax))
+softmax = _softmax_like(torch.softmax)
+log_softmax = _softmax_like(torch.log_softmax)
 
 
-@register("LpNormalization")
 def lp_normalization(node, inputs):
     return F.normalize(inputs[0], p=float(node.attr("p", 2)), dim=int(node.attr("axis", -1)))

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UnsupportedOpError
-from . import ints, register
+from . import ints
 from .conv import spatial_pads, torch_pad
 
 
@@ -43,7 +43,6 @@ def max_pool_padded(node, x):
     return xp, kernel, strides, dil, full
 
 
-@register("MaxPool")
 def max_pool(node, inputs):
     x = inputs[0]
     if x.dim() != 4:
@@ -55,7 +54,6 @@ def max_pool(node, inputs):
     return y
 
 
-@register("AveragePool")
 def average_pool(node, inputs):
     x = inputs[0]
     if x.dim() != 4:
@@ -78,13 +76,11 @@ def average_pool(node, inputs):
     return total / count
 
 
-@register("GlobalAveragePool")
 def global_average_pool(node, inputs):
     x = inputs[0]
     return x.mean(dim=tuple(range(2, x.dim())), keepdim=True)
 
 
-@register("GlobalMaxPool")
 def global_max_pool(node, inputs):
     x = inputs[0]
     return x.amax(dim=tuple(range(2, x.dim())), keepdim=True)
@@ -104,11 +100,11 @@ def _reduce(fn):
     return run
 
 
-register("ReduceMean")(_reduce(lambda x, a, k: x.mean(dim=a, keepdim=k)))
-register("ReduceMax")(_reduce(lambda x, a, k: x.amax(dim=a, keepdim=k)))
-register("ReduceMin")(_reduce(lambda x, a, k: x.amin(dim=a, keepdim=k)))
-register("ReduceSum")(_reduce(lambda x, a, k: x.sum(dim=a, keepdim=k)))
-register("ReduceL2")(_reduce(lambda x, a, k: torch.sqrt((x * x).sum(dim=a, keepdim=k))))
+reduce_mean = _reduce(lambda x, a, k: x.mean(dim=a, keepdim=k))
+reduce_max = _reduce(lambda x, a, k: x.amax(dim=a, keepdim=k))
+reduce_min = _reduce(lambda x, a, k: x.amin(dim=a, keepdim=k))
+reduce_sum = _reduce(lambda x, a, k: x.sum(dim=a, keepdim=k))
+reduce_l2 = _reduce(lambda x, a, k: torch.sqrt((x * x).sum(dim=a, keepdim=k)))
 
 
 def _interpolate(node, x, out_size: list[int], mode: str, ctm: str):
@@ -131,7 +127,6 @@ def _interpolate(node, x, out_size: list[int], mode: str, ctm: str):
     raise UnsupportedOpError(f"Resize mode '{mode}' with '{ctm}' at {node.where()}")
 
 
-@register("Resize")
 def resize(node, inputs):
     x = inputs[0]
     if node.opset < 11:
@@ -149,7 +144,6 @@ def resize(node, inputs):
     return _interpolate(node, x, out_size, node.attr("mode", "nearest"), ctm)
 
 
-@register("Upsample")
 def upsample(node, inputs):
     x = inputs[0]
     scales = list(node.attr("scales")) if node.opset < 9 else inputs[1].reshape(-1).tolist()

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from onnx import TensorProto
 
 from ..errors import UnsupportedOpError
-from . import ints, register, scalar
+from . import ints, scalar
 from .conv import torch_pad
 
 DTYPES = {TensorProto.FLOAT: torch.float32, TensorProto.DOUBLE: torch.float64,
@@ -16,7 +16,6 @@ DTYPES = {TensorProto.FLOAT: torch.float32, TensorProto.DOUBLE: torch.float64,
           TensorProto.UINT8: torch.uint8, TensorProto.BOOL: torch.bool}
 
 
-@register("Constant")
 def constant(node, inputs):
     for key in ("value", "value_float", "value_floats", "value_int", "value_ints"):
         if key in node.attrs:
@@ -28,13 +27,11 @@ def constant(node, inputs):
     raise UnsupportedOpError(f"Constant without a numeric value at {node.where()}")
 
 
-@register("ConstantOfShape")
 def constant_of_shape(node, inputs):
     value = node.attr("value", torch.zeros(1, dtype=torch.float32))
     return torch.full(ints(inputs[0]), value.reshape(-1)[0].item(), dtype=value.dtype)
 
 
-@register("Cast")
 def cast(node, inputs):
     to = int(node.attr("to"))
     if to not in DTYPES:
@@ -42,19 +39,16 @@ def cast(node, inputs):
     return inputs[0].to(DTYPES[to])
 
 
-@register("Shape")
 def shape(node, inputs):
     dims = list(inputs[0].shape)
     start, end = node.attr("start", 0), node.attr("end", None)
     return torch.tensor(dims[start:end], dtype=torch.int64)
 
 
-@register("Size")
 def size(node, inputs):
     return torch.tensor(inputs[0].numel(), dtype=torch.int64)
 
 
-@register("Reshape")
 def reshape(node, inputs):
     x, target = inputs[0], ints(inputs[1]) if node.opset >= 5 else list(node.attr("shape"))
     if not node.attr("allowzero", 0):
@@ -62,7 +56,6 @@ def reshape(node, inputs):
     return x.reshape(target)
 
 
-@register("Flatten")
 def flatten(node, inputs):
     x = inputs[0]
     axis = int(node.attr("axis", 1)) % (x.dim() + 1) if x.dim() else 0
@@ -72,7 +65,6 @@ def flatten(node, inputs):
     return x.reshape(lead, -1)
 
 
-@register("Transpose")
 def transpose(node, inputs):
     x = inputs[0]
     perm = list(node.attr("perm", list(reversed(range(x.dim())))))
@@ -85,7 +77,6 @@ def _axes(node, inputs):
     return list(node.attr("axes", []))
 
 
-@register("Squeeze")
 def squeeze(node, inputs):
     x = inputs[0]
     axes = [a % x.dim() for a in _axes(node, inputs)] or [i for i, d in enumerate(x.shape) if d == 1]
@@ -94,7 +85,6 @@ def squeeze(node, inputs):
     return x
 
 
-@register("Unsqueeze")
 def unsqueeze(node, inputs):
     x = inputs[0]
     axes = _axes(node, inputs)
@@ -104,14 +94,12 @@ def unsqueeze(node, inputs):
     return x
 
 
-@register("Concat")
 def concat(node, inputs):
     parts = [t for t in inputs if t is not None and (t.dim() > 0 and t.numel() > 0 or t.dim() > 1)]
     dtype = parts[0].dtype
     return torch.cat([t.to(dtype) for t in parts], dim=int(node.attr("axis")))
 
 
-@register("Split")
 def split(node, inputs):
     x = inputs[0]
     axis = int(node.attr("axis", 0))
@@ -127,7 +115,6 @@ def split(node, inputs):
     return list(torch.split(x, sizes, dim=axis))
 
 
-@register("Slice")
 def slice_(node, inputs):
     x = inputs[0]
     if node.opset < 10:
@@ -157,7 +144,6 @@ def slice_(node, inputs):
     return x[tuple(index)]
 
 
-@register("Gather")
 def gather(node, inputs):
     x, idx = inputs
     axis = int(node.attr("axis", 0)) % x.dim()
@@ -168,24 +154,20 @@ def gather(node, inputs):
     return out.reshape(tuple(x.shape[:axis]) + tuple(idx.shape) + tuple(x.shape[axis + 1:]))
 
 
-@register("Expand")
 def expand(node, inputs):
     x, target = inputs[0], ints(inputs[1])
     return torch.broadcast_to(x, torch.broadcast_shapes(tuple(x.shape), tuple(target)))
 
 
-@register("Tile")
 def tile(node, inputs):
     return inputs[0].repeat(ints(inputs[1]))
 
 
-@register("Range")
 def range_(node, inputs):
     return torch.arange(scalar(inputs[0]), scalar(inputs[1]), scalar(inputs[2]),
                         dtype=inputs[0].dtype)
 
 
-@register("Pad")
 def pad(node, inputs):
     x = inputs[0]
     if node.opset < 11:

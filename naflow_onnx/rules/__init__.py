@@ -1,6 +1,7 @@
-"""Inverse rules (METHOD.md §4 table): what each op's rule computes, keyed by ONNX op type.
+"""Inverse rules (METHOD.md §4 table): what each op's rule computes.
 
-A rule turns the BPFM of a node's output into a candidate ``x_hat`` for each of its data inputs.
+Which op uses which rule is the op registry's business (``naflow_onnx/ops/catalog.py``): a rule
+class knows the maths, not the op types it serves. A rule turns the BPFM of a node's output into a candidate ``x_hat`` for each of its data inputs.
 *Where* rules apply (segments, shortcuts, gates) is decided in ``backproject``; abandonment
 (``x_hat * [Lambda != 0]``) is applied there too, so rules stay pure.
 """
@@ -11,7 +12,6 @@ from typing import Callable
 
 import torch
 
-from ..errors import UnsupportedOpError
 from ..rebuild import RebuiltNode
 from .solver import SolverOptions, SolveRecord
 
@@ -40,30 +40,10 @@ class RuleContext:
 
 
 class InverseRule:
-    """Base: subclasses set ``op_types`` and implement ``invert``."""
+    """Base: subclasses set ``summary`` (README's "Supported ops" row) and implement ``invert``."""
 
-    op_types: tuple[str, ...] = ()
+    summary: str = ""
 
     def invert(self, ctx: RuleContext) -> tuple[dict[str, torch.Tensor], SolveRecord]:
         raise NotImplementedError
 
-
-RULES: dict[str, InverseRule] = {}
-
-
-def rule(cls: type[InverseRule]) -> type[InverseRule]:
-    instance = cls()
-    for op in cls.op_types:
-        RULES[op] = instance
-    return cls
-
-
-def rule_for(node: RebuiltNode) -> InverseRule:
-    r = RULES.get(node.op_type)
-    if r is None:
-        raise UnsupportedOpError(f"no inverse rule for op {node.op_type} at {node.where()} "
-                                 "(it lies on the data path between feature layers)")
-    return r
-
-
-from . import affine, elementwise, pooling, structural  # noqa: E402,F401

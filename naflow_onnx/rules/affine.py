@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UnsupportedOpError
-from . import InverseRule, RuleContext, rule
+from . import InverseRule, RuleContext
 from .solver import LinearMap, SolveRecord, solve_affine
 
 
@@ -131,10 +131,9 @@ def pointwise_conv_inverse(x0, w, y_target, y0, damp: float, cache: dict | None 
     return x_hat.to(x0.dtype), rec
 
 
-@rule
 class AffineRule(InverseRule):
-    op_types = ("Conv", "ConvTranspose", "Gemm", "MatMul", "AveragePool", "GlobalAveragePool",
-                "ReduceMean", "ReduceSum", "Pad", "Resize", "Upsample")
+    summary = ("affine, anchored least squares (closed form for 1×1 convs, damped CGLS "
+               "otherwise)")
 
     def invert(self, ctx: RuleContext):
         name = _single_input(ctx)

@@ -17,7 +17,8 @@ import torch
 from ..errors import UnsupportedOpError
 from ..forward import run_nodes
 from ..graph import ModelGraph, Plan, Segment
-from . import RuleContext, rule_for
+from ..ops import is_join, rule_for
+from . import RuleContext
 from .linearize import SegmentMap
 from .solver import SolverOptions, SolveRecord, reference_mode, solve_affine
 
@@ -111,7 +112,7 @@ class BackProjection:
             ctx = self._context(node)
             if all(t == seg.input for t in ctx.data_inputs):
                 continue  # its only candidate would be for the segment input, already solved
-            if len(ctx.data_inputs) == 2 and node.op_type in ("Add", "Sub") and ctx.gate is None:
+            if len(ctx.data_inputs) == 2 and is_join(node) and ctx.gate is None:
                 short = min(ctx.data_inputs, key=upstream)
                 if short not in self.bpfm:
                     if shifted is None:

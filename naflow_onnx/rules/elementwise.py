@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from ..errors import UnsupportedOpError
-from . import InverseRule, RuleContext, rule
+from ..rebuild.elementwise import SELU_ALPHA, SELU_GAMMA
+from . import InverseRule, RuleContext
 from .solver import SolveRecord
 
 
@@ -20,9 +21,8 @@ def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
                        torch.zeros_like(num))
 
 
-@rule
 class BatchNormRule(InverseRule):
-    op_types = ("BatchNormalization",)
+    summary = "exact element-wise affine (Eq. 11); a zero scale abandons its channel"
 
     def invert(self, ctx):
         node, env = ctx.node, ctx.env
@@ -37,18 +37,16 @@ class BatchNormRule(InverseRule):
         return {x: x_hat}, _exact()
 
 
-@rule
 class PassThroughRule(InverseRule):
     """ReLU and Clip (ReLU6): x_hat = BPFM_out; inactive/saturated neurons have Lambda = 0."""
-    op_types = ("Relu", "Clip")
+    summary = "pass-through (Eq. 12): x_hat = BPFM_out, inactive or saturated neurons abandoned"
 
     def invert(self, ctx):
         return {ctx.node.inputs[0]: ctx.bpfm_out[ctx.output()]}, _exact()
 
 
-@rule
 class LeakyReluRule(InverseRule):
-    op_types = ("LeakyRelu", "PRelu", "Elu")
+    summary = "exact inverse of a piecewise activation (Eq. 13)"
 
     def invert(self, ctx):
         node, y = ctx.node, ctx.bpfm_out[ctx.output()]
@@ -58,17 +56,20 @@ class LeakyReluRule(InverseRule):
             slope = ctx.env[node.inputs[1]]
             if slope.dim() == 1 and y.dim() > 2 and slope.numel() == y.shape[1]:
                 slope = slope.reshape([1, -1] + [1] * (y.dim() - 2))
-        else:  # Elu: y = alpha (e^x - 1) for x < 0
+        elif node.op_type == "Elu":  # y = alpha (e^x - 1) for x < 0
             alpha = float(node.attr("alpha", 1.0))
             neg = torch.log1p(torch.clamp(y / alpha, min=-1 + 1e-7))
             return {node.inputs[0]: torch.where(y >= 0, y, neg)}, _exact()
+        else:  # Selu: y = gamma x for x > 0, gamma alpha (e^x - 1) otherwise
+            alpha, gamma = float(node.attr("alpha", SELU_ALPHA)), float(node.attr("gamma", SELU_GAMMA))
+            neg = torch.log1p(torch.clamp(y / (gamma * alpha), min=-1 + 1e-7))
+            return {node.inputs[0]: torch.where(y >= 0, y / gamma, neg)}, _exact()
         return {node.inputs[0]: torch.where(y >= 0, y, _safe_div(y, slope * torch.ones_like(y)))}, _exact()
 
 
-@rule
 class SquashRule(InverseRule):
-    """Sigmoid / Tanh / HardSigmoid on the data path: their exact inverse on the open range."""
-    op_types = ("Sigmoid", "Tanh", "HardSigmoid")
+    """Sigmoid / Tanh / HardSigmoid / Softplus on the data path: their exact inverse on the open range."""
+    summary = "exact inverse of a monotone activation on its open range"
 
     def invert(self, ctx):
         node, y = ctx.node, ctx.bpfm_out[ctx.output()]
@@ -77,16 +78,18 @@ class SquashRule(InverseRule):
             x = torch.logit(y.clamp(eps, 1 - eps))
         elif node.op_type == "Tanh":
             x = torch.atanh(y.clamp(-1 + eps, 1 - eps))
+        elif node.op_type == "Softplus":  # y = log(1 + e^x) > 0
+            y = y.clamp(min=eps)
+            x = y + torch.log(-torch.expm1(-y))
         else:
             alpha, beta = float(node.attr("alpha", 0.2)), float(node.attr("beta", 0.5))
             x = (y - beta) / alpha
         return {node.inputs[0]: x}, _exact()
 
 
-@rule
 class HardSwishRule(InverseRule):
     """HardSwish = x * hardsigmoid(x): the gate frozen at its forward value, x_hat = y / gate."""
-    op_types = ("HardSwish",)
+    summary = "self-gated activation: the gate frozen at its forward value, x_hat = BPFM_out / gate"
 
     def invert(self, ctx):
         x = ctx.node.inputs[0]
@@ -94,12 +97,13 @@ class HardSwishRule(InverseRule):
         return {x: _safe_div(ctx.bpfm_out[ctx.output()], gate)}, _exact()
 
 
-@rule
 class ArithmeticRule(InverseRule):
     """Add/Sub/Mul/Div. With one data operand (the other constant): exact inverse. Add/Sub of two
     data operands (a residual join): the operand not in ``ctx.known`` is ``BPFM_out - known``
     (METHOD.md §5). Mul with a gate operand: the gate is frozen, x_hat = BPFM_out / gate."""
-    op_types = ("Add", "Sub", "Mul", "Div")
+    summary = ("arithmetic: exact with a constant operand; Mul by a Sigmoid/HardSigmoid gate (SE, "
+               "CBAM, BAM) freezes the gate, whose branch gets no BPFM; Add/Sub of two data "
+               "tensors is a residual join (METHOD.md §5)")
 
     def invert(self, ctx):
         node, env = ctx.node, ctx.env
@@ -137,4 +141,35 @@ class ArithmeticRule(InverseRule):
             x_hat = y * c
         else:
             raise UnsupportedOpError(f"{node.where()}: division by a data tensor has no inverse rule")
+        return {x: x_hat}, _exact()
+
+
+class VariadicRule(InverseRule):
+    """Sum/Mean: the one operand neither constant nor in ``ctx.known`` is solved exactly (a join
+    when the others are known, METHOD.md §5). Max/Min with one data operand (the others
+    constant): x_hat = BPFM_out; where a constant was selected Lambda = 0 abandons the neuron
+    (Max(x, 0) is a ReLU, Min(Max(x, 0), 6) a ReLU6)."""
+    summary = ("variadic: Sum/Mean solve their one unknown operand exactly; Max/Min against "
+               "constants pass BPFM_out through (Max(x, 0) is a ReLU)")
+
+    def invert(self, ctx):
+        node, env = ctx.node, ctx.env
+        y = ctx.bpfm_out[ctx.output()]
+        unknown = [t for t in ctx.data_inputs if t not in ctx.known]
+        if len(unknown) != 1 or node.inputs.count(unknown[0]) != 1:
+            raise UnsupportedOpError(f"{node.where()}: {node.op_type} with {len(unknown)} unknown "
+                                     "data operands has no inverse rule")
+        x = unknown[0]
+        if env[x].shape != y.shape:
+            raise UnsupportedOpError(f"{node.where()}: {node.op_type} broadcasts its data operand "
+                                     f"{tuple(env[x].shape)} to {tuple(y.shape)}: no inverse rule")
+        if node.op_type in ("Max", "Min"):
+            if len(ctx.data_inputs) != 1:
+                raise UnsupportedOpError(f"{node.where()}: {node.op_type} of several data tensors "
+                                         "has no inverse rule")
+            return {x: y}, _exact()
+        x_hat = y * len(node.inputs) if node.op_type == "Mean" else y
+        for t in node.inputs:
+            if t != x:
+                x_hat = x_hat - ctx.known.get(t, env[t])
         return {x: x_hat}, _exact()

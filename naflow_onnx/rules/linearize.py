@@ -25,15 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch.func import jvp, vjp
 
+from .. import ops
 from ..rebuild import scalar
 from .affine import ConvAdjoint
 from .solver import LinearMap
 
-ELEMENTWISE = frozenset({
-    "Relu", "Clip", "LeakyRelu", "PRelu", "Elu", "Selu", "Sigmoid", "HardSigmoid", "HardSwish",
-    "Tanh", "Softplus", "Exp", "Log", "Sqrt", "Neg", "Abs", "Reciprocal", "Erf",
-    "BatchNormalization", "Add", "Sub", "Mul", "Div", "Identity", "Dropout",
-})
 
 
 def _reduce_to(t: torch.Tensor, shape) -> torch.Tensor:
@@ -110,7 +106,7 @@ class SegmentMap(LinearMap):
     @staticmethod
     def _linearise(node, env, ins, outs) -> _Step:
         op = node.op_type
-        if (len(ins) == 1 and len(outs) == 1 and op in ELEMENTWISE
+        if (len(ins) == 1 and len(outs) == 1 and ops.is_elementwise(node)
                 and env[outs[0]].shape == env[ins[0]].shape
                 and len([o for o in node.outputs if o]) == 1):
             x0 = env[ins[0]]

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from ..rebuild.pooling import max_pool_padded
-from . import InverseRule, rule
+from . import InverseRule
 from .solver import SolveRecord
 
 
@@ -24,9 +24,8 @@ def scatter_selected(x: torch.Tensor, xp: torch.Tensor, indices: torch.Tensor, y
     return out[:, :, pads[0]:xp.shape[2] - pads[0 + nd], pads[1]:xp.shape[3] - pads[1 + nd]]
 
 
-@rule
 class MaxPoolRule(InverseRule):
-    op_types = ("MaxPool", "GlobalMaxPool")
+    summary = "selection (Eq. 14): BPFM_out back to the positions the forward pass selected"
 
     def invert(self, ctx):
         node = ctx.node

@@ -5,14 +5,12 @@ from __future__ import annotations
 import torch
 from torch.func import vjp
 
-from . import InverseRule, rule
+from . import InverseRule
 from .solver import SolveRecord
 
 
-@rule
 class StructuralRule(InverseRule):
-    op_types = ("Identity", "Dropout", "Cast", "Reshape", "Flatten", "Transpose", "Squeeze",
-                "Unsqueeze", "Concat", "Split", "Slice")
+    summary = "copy / permutation / selection: the op's own transpose (J⁺ = Jᵀ)"
 
     def invert(self, ctx):
         node, env = ctx.node, ctx.env

@@ -1,0 +1,214 @@
+"""Every op naflow supports: one ``register`` call per op (see the package docstring for how to
+add one). The order here is the order of README's "Supported ops" table."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..rebuild import conv as cv
+from ..rebuild import elementwise as ew
+from ..rebuild import pooling as pl
+from ..rebuild import shape as sh
+from ..rules.affine import AffineRule
+from ..rules.elementwise import (ArithmeticRule, BatchNormRule, HardSwishRule, LeakyReluRule,
+                                 PassThroughRule, SquashRule, VariadicRule)
+from ..rules.pooling import MaxPoolRule
+from ..rules.structural import StructuralRule
+from . import FEATURE, LAYOUT, Sample, register
+
+AFFINE, BATCH_NORM, PASS, PIECEWISE = AffineRule(), BatchNormRule(), PassThroughRule(), LeakyReluRule()
+SQUASH, SELF_GATE, ARITHMETIC, VARIADIC = SquashRule(), HardSwishRule(), ArithmeticRule(), VariadicRule()
+SELECT, STRUCTURAL = MaxPoolRule(), StructuralRule()
+
+X4 = {"x": (1, 3, 6, 6)}           # the usual data input of a sample: N×C×H×W
+
+
+def _randn(*shape):
+    return lambda g: torch.randn(*shape, generator=g)
+
+
+def _consts(**makers):
+    """{name: generator -> tensor or a fixed tensor} -> a ``Sample.consts`` function."""
+    return lambda g: {k: (m(g) if callable(m) else m) for k, m in makers.items()}
+
+
+def _int64(*values):
+    return torch.tensor(values, dtype=torch.int64)
+
+
+# ------------------------------------------------------------------------------------------------
+# affine: anchored least squares
+
+register("Conv", cv.conv, rule=AFFINE, role=FEATURE, weight_inputs=(1, 2),
+         note="(groups, dilations, pads, auto_pad)", samples=lambda: [
+    Sample({"x": (1, 3, 6, 6)}, _consts(w=_randn(6, 3, 3, 3), b=_randn(6)),
+           attrs={"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}, kind="cgls", tol=1e-3,
+           label="3x3 q>=p"),
+    Sample({"x": (1, 4, 5, 5)}, _consts(w=_randn(7, 4, 1, 1)), attrs={"kernel_shape": [1, 1]},
+           kind="closed-form", tol=1e-5, label="1x1 closed form"),
+    Sample({"x": (1, 4, 8, 8)}, _consts(w=_randn(6, 4, 3, 3)), check="range", kind="cgls",
+           attrs={"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]},
+           label="strided q<p"),
+    Sample({"x": (1, 4, 6, 6)}, _consts(w=_randn(4, 1, 3, 3)), check="range", tol=1e-3,
+           attrs={"kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "group": 4}, label="depthwise"),
+    Sample({"x": (1, 2, 7, 7)}, _consts(w=_randn(3, 2, 3, 3)), check="range",
+           attrs={"kernel_shape": [3, 3], "auto_pad": "SAME_UPPER", "strides": [2, 2]},
+           label="auto_pad"),
+])
+register("ConvTranspose", cv.conv_transpose, rule=AFFINE, role=FEATURE, weight_inputs=(1, 2),
+         samples=lambda: [Sample({"x": (1, 3, 3, 3)}, _consts(w=_randn(3, 2, 2, 2)), tol=1e-3,
+                                 attrs={"kernel_shape": [2, 2], "strides": [2, 2]})])
+register("Gemm", cv.gemm, rule=AFFINE, weight_inputs=(1, 2), samples=lambda: [
+    Sample({"x": (1, 8)}, _consts(w=_randn(3, 8), b=_randn(3)), attrs={"transB": 1},
+           check="range")])
+# MatMul: either operand may be the constant weight; the second is tried first
+register("MatMul", cv.matmul, rule=AFFINE, weight_inputs=(1, 0), note="(constant weight)",
+         samples=lambda: [Sample({"x": (1, 8)}, _consts(w=_randn(8, 3)), check="range"),
+                          Sample({"x": (2, 3)}, _consts(w=_randn(5, 2)), inputs=("w", "x"),
+                                 tol=1e-3, label="weight first")])
+register("AveragePool", pl.average_pool, rule=AFFINE, role=LAYOUT, samples=lambda: [
+    Sample(X4, attrs={"kernel_shape": [2, 2], "strides": [2, 2]}, check="range"),
+    Sample(X4, attrs={"kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "ceil_mode": 1,
+                      "strides": [2, 2]}, check="range", label="pads ceil_mode")])
+register("GlobalAveragePool", pl.global_average_pool, rule=AFFINE,
+         samples=lambda: [Sample(X4, check="range")])
+register("ReduceMean", pl.reduce_mean, rule=AFFINE, samples=lambda: [
+    Sample(X4, attrs={"axes": [2, 3], "keepdims": 1}, check="range")])
+register("ReduceSum", pl.reduce_sum, rule=AFFINE, samples=lambda: [
+    Sample(X4, _consts(axes=_int64(1)), attrs={"keepdims": 0}, check="range")])
+register("Pad", sh.pad, rule=AFFINE, role=LAYOUT, note="(constant)", samples=lambda: [
+    Sample(X4, _consts(p=_int64(0, 0, 1, 2, 0, 0, 2, 1)), attrs={"mode": "constant"},
+           tol=1e-5)])
+register("Resize", pl.resize, rule=AFFINE, role=LAYOUT, samples=lambda: [
+    Sample({"x": (1, 2, 3, 3)}, _consts(s=torch.tensor([1.0, 1.0, 2.0, 2.0])),
+           inputs=("x", "", "s"), attrs={"mode": "nearest", "nearest_mode": "floor",
+                                         "coordinate_transformation_mode": "asymmetric"}),
+    Sample({"x": (1, 2, 3, 3)}, _consts(s=torch.tensor([1.0, 1.0, 2.0, 2.0])),
+           inputs=("x", "", "s"), attrs={"mode": "linear"}, tol=1e-3, label="bilinear")])
+register("Upsample", pl.upsample, rule=AFFINE, role=LAYOUT, samples=lambda: [
+    Sample({"x": (1, 2, 3, 3)}, _consts(s=torch.tensor([1.0, 1.0, 2.0, 2.0])), opset=9,
+           attrs={"mode": "nearest"})])
+
+# ------------------------------------------------------------------------------------------------
+# exact element-wise
+
+register("BatchNormalization", cv.batch_norm, rule=BATCH_NORM, role=LAYOUT, elementwise=True,
+         samples=lambda: [
+    Sample(X4, _consts(s=torch.tensor([1.5, -0.7, 0.3]), b=_randn(3), m=_randn(3),
+                       v=lambda g: torch.rand(3, generator=g) + 0.5),
+           attrs={"epsilon": 1e-5}, tol=1e-5)])
+register("Relu", ew.unary(torch.relu), rule=PASS, role=LAYOUT, elementwise=True,
+         samples=lambda: [Sample(X4, check="range")])
+register("Clip", ew.clip, rule=PASS, role=LAYOUT, elementwise=True, note="(ReLU6)",
+         samples=lambda: [
+    Sample(X4, _consts(lo=torch.tensor(0.0), hi=torch.tensor(0.5)), check="range"),
+    Sample(X4, attrs={"min": -0.5, "max": 0.5}, opset=6, check="range", label="opset 6")])
+register("LeakyRelu", ew.leaky_relu, rule=PIECEWISE, role=LAYOUT, elementwise=True,
+         samples=lambda: [Sample(X4, attrs={"alpha": 0.2})])
+register("PRelu", ew.prelu, rule=PIECEWISE, role=LAYOUT, elementwise=True, samples=lambda: [
+    Sample(X4, _consts(slope=torch.tensor([0.1, 0.3, 2.0])))])
+register("Elu", ew.elu, rule=PIECEWISE, role=LAYOUT, elementwise=True,
+         samples=lambda: [Sample(X4, attrs={"alpha": 0.7})])
+register("Selu", ew.selu, rule=PIECEWISE, role=LAYOUT, elementwise=True,
+         samples=lambda: [Sample(X4), Sample(X4, attrs={"alpha": 1.2, "gamma": 0.5})])
+register("Sigmoid", ew.unary(torch.sigmoid), rule=SQUASH, role=LAYOUT, elementwise=True,
+         gate_source=True, probability=True, samples=lambda: [Sample(X4)])
+register("Tanh", ew.unary(torch.tanh), rule=SQUASH, role=LAYOUT, elementwise=True,
+         samples=lambda: [Sample(X4)])
+register("HardSigmoid", ew.hard_sigmoid, rule=SQUASH, role=LAYOUT, elementwise=True,
+         gate_source=True, samples=lambda: [Sample(X4, check="range")])
+register("Softplus", ew.unary(F.softplus), rule=SQUASH, role=LAYOUT, elementwise=True,
+         samples=lambda: [Sample(X4)])
+register("HardSwish", ew.unary(F.hardswish), rule=SELF_GATE, role=LAYOUT, elementwise=True,
+         samples=lambda: [Sample(X4, check="frozen", scale=3.0)])  # both sides of ±3
+
+
+def _arithmetic_samples(op: str) -> list[Sample]:
+    """With a constant operand; Add/Sub of two data tensors (a residual join, one operand known);
+    Mul by a gate (the sigmoid gate frozen)."""
+    out = [Sample(X4, _consts(c=_randn(1, 3, 6, 6))),
+           Sample(X4, _consts(c=_randn(3, 1, 1)), label="broadcast constant"),
+           Sample(X4, _consts(c=_randn(1, 3, 1, 1)), inputs=("c", "x"), label="constant first")]
+    if op in ("Add", "Sub"):
+        out += [Sample({"a": (1, 3, 6, 6), "b": (1, 3, 6, 6)}, known=(k,), label=f"join, {k} known")
+                for k in ("a", "b")]
+    if op == "Mul":
+        out.append(Sample(X4, _consts(g=lambda g: torch.sigmoid(torch.randn(1, 3, 1, 1, generator=g))),
+                          gate="g", check="range", label="gate"))
+    return out
+
+
+for _op, _fn in {"Add": torch.add, "Sub": torch.sub, "Mul": torch.mul}.items():
+    register(_op, ew.binary(_fn), rule=ARITHMETIC, role=LAYOUT, elementwise=True,
+             join=_op != "Mul", gate_path=True, samples=lambda _op=_op: _arithmetic_samples(_op))
+register("Div", ew.div, rule=ARITHMETIC, role=LAYOUT, elementwise=True, gate_path=True,
+         samples=lambda: [Sample(X4, _consts(c=lambda g: torch.rand(1, 3, 1, 1, generator=g) + 0.5))])
+
+# ------------------------------------------------------------------------------------------------
+# variadic, selection, copies
+
+for _op in ("Sum", "Mean", "Max", "Min"):
+    register(_op, ew.variadic, rule=VARIADIC, role=LAYOUT, join=_op in ("Sum", "Mean"),
+             samples=lambda _op=_op: [
+        Sample(X4, _consts(c=_randn(1, 3, 6, 6), d=_randn(3, 1, 1)),
+               check="range" if _op in ("Max", "Min") else "injective"),
+        Sample(X4, _consts(c=torch.tensor(0.0)), inputs=("c", "x"),
+               check="range" if _op in ("Max", "Min") else "injective", label="scalar first"),
+    ] + ([Sample({"a": (1, 3, 6, 6), "b": (1, 3, 6, 6)}, known=("a",), label="join")]
+         if _op in ("Sum", "Mean") else []))
+register("MaxPool", pl.max_pool, rule=SELECT, role=LAYOUT, note="(ceil_mode, pads)",
+         samples=lambda: [
+    Sample(X4, attrs={"kernel_shape": [2, 2], "strides": [2, 2]}, check="selection"),
+    Sample({"x": (1, 2, 7, 7)}, attrs={"kernel_shape": [3, 3], "strides": [2, 2], "ceil_mode": 1,
+                                       "pads": [1, 1, 1, 1]}, check="selection",
+           label="overlapping, pads, ceil_mode")])
+register("GlobalMaxPool", pl.global_max_pool, rule=SELECT,
+         samples=lambda: [Sample(X4, check="selection")])
+register("Identity", ew.identity, rule=STRUCTURAL, role=LAYOUT, elementwise=True,
+         gate_path=True, shape_only=True, samples=lambda: [Sample(X4)])
+register("Dropout", ew.identity, rule=STRUCTURAL, role=LAYOUT, elementwise=True,
+         shape_only=True, samples=lambda: [Sample(X4)])
+register("Cast", sh.cast, rule=STRUCTURAL, role=LAYOUT, gate_path=True, shape_only=True,
+         samples=lambda: [Sample(X4, attrs={"to": 1})])
+register("Reshape", sh.reshape, rule=STRUCTURAL, gate_path=True, shape_only=True,
+         samples=lambda: [Sample(X4, _consts(shape=_int64(1, 3, 36)))])
+register("Flatten", sh.flatten, rule=STRUCTURAL, gate_path=True, shape_only=True,
+         samples=lambda: [Sample(X4, attrs={"axis": 1})])
+register("Transpose", sh.transpose, rule=STRUCTURAL,
+         samples=lambda: [Sample(X4, attrs={"perm": [0, 2, 3, 1]})])
+register("Squeeze", sh.squeeze, rule=STRUCTURAL, gate_path=True, shape_only=True,
+         samples=lambda: [Sample({"x": (1, 3, 1, 1)}, _consts(axes=_int64(2, 3)))])
+register("Unsqueeze", sh.unsqueeze, rule=STRUCTURAL, gate_path=True, shape_only=True,
+         samples=lambda: [Sample({"x": (1, 3)}, _consts(axes=_int64(2, 3)))])
+register("Concat", sh.concat, rule=STRUCTURAL, role=LAYOUT, samples=lambda: [
+    Sample({"x": (1, 2, 3, 3), "z": (1, 3, 3, 3)}, attrs={"axis": 1}),
+    Sample({"x": (1, 2, 3, 3)}, _consts(c=_randn(1, 2, 3, 3)), attrs={"axis": 2},
+           label="with a constant")])
+register("Split", sh.split, rule=STRUCTURAL, role=LAYOUT, samples=lambda: [
+    Sample(X4, _consts(split=_int64(1, 2)), attrs={"axis": 1}, outputs=("y", "z"))])
+register("Slice", sh.slice_, rule=STRUCTURAL, samples=lambda: [
+    Sample(X4, _consts(s=_int64(1, 0), e=_int64(5, 3), a=_int64(2, 1)), check="range"),
+    Sample(X4, _consts(s=_int64(-1), e=_int64(-100), a=_int64(3), st=_int64(-2)), check="range",
+           label="negative step")])
+
+# ------------------------------------------------------------------------------------------------
+# rebuilt only: heads, shape arithmetic, gate branches (no rule: refused between feature layers)
+
+register("Softmax", ew.softmax, probability=True)
+register("LogSoftmax", ew.log_softmax, probability=True)
+register("Expand", sh.expand, gate_path=True)
+register("Tile", sh.tile, gate_path=True)
+for _op, _fn in {"Shape": sh.shape, "Size": sh.size, "Gather": sh.gather, "Constant": sh.constant,
+                 "ConstantOfShape": sh.constant_of_shape, "Range": sh.range_, "Where": ew.where,
+                 "ReduceMax": pl.reduce_max, "ReduceMin": pl.reduce_min, "ReduceL2": pl.reduce_l2,
+                 "LpNormalization": ew.lp_normalization}.items():
+    register(_op, _fn)
+for _op, _fn in {"Exp": torch.exp, "Log": torch.log, "Sqrt": torch.sqrt, "Neg": torch.neg,
+                 "Abs": torch.abs, "Reciprocal": torch.reciprocal, "Erf": torch.erf}.items():
+    register(_op, ew.unary(_fn), elementwise=True)
+for _op, _fn in {"Floor": torch.floor, "Ceil": torch.ceil, "Not": torch.logical_not}.items():
+    register(_op, ew.unary(_fn))
+for _op, _fn in {"Pow": torch.pow, "Equal": torch.eq, "Less": torch.lt, "Greater": torch.gt,
+                 "LessOrEqual": torch.le, "GreaterOrEqual": torch.ge, "And": torch.logical_and,
+                 "Or": torch.logical_or}.items():
+    register(_op, ew.binary(_fn))
