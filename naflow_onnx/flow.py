@@ -1,13 +1,21 @@
 """Orchestration of one analysis and the ``Flow`` result.
 
 ``Analyzer`` holds what is computed once per model (validated graph, onnxruntime session, plan
-per input shape); ``Analyzer.analyze`` runs one image:
-capture (onnxruntime) -> rebuild forward (torch) + parity -> plan -> Lambda -> BPFM -> maps.
+per input shape). One image goes through stages a caller can also run one by one (check and
+evaluate do; docs/architecture.md):
+
+``prepare``     image -> ``Point``: capture (onnxruntime), rebuild forward (torch) + parity, plan,
+                target, Lambda;
+``backproject`` ``Point`` (+ damping) -> ``BPFMResult``: BPFM and solver records;
+``maps``        ``Point`` (+ ``BPFMResult``) + method -> raw map per layer;
+``flow``        all of it -> ``Flow``.
+
+``Analyzer.analyze`` is their composition.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -64,9 +72,7 @@ class Flow:
     compare: str | None = None
     compare_maps: dict[str, np.ndarray] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
-    # with analyze(keep_tensors=True): {"A", "Lambda", "BPFM": torch tensors by name, "plan": the
-    # Plan, "env": every detached value of the forward pass (what backproject needs to rerun)}
-    tensors: dict | None = field(default=None, repr=False)
+    tensors: "Tensors | None" = field(default=None, repr=False)   # analyze(keep_tensors=True)
 
     @property
     def final_layer(self) -> str:
@@ -81,12 +87,7 @@ class Flow:
         return resize_map(m, self.image.shape[:2])
 
     def solver_summary(self) -> dict:
-        recs = [layer.solver for layer in self.layers if layer.solver and layer.solver.get("kind") in
-                ("cgls", "closed-form", "paper")]
-        conv = [r["convergence"] for r in recs if r.get("convergence") is not None]
-        return {"solved": len(recs), "max_convergence": max(conv) if conv else 0.0,
-                "iterations": sum(r.get("iterations", 0) for r in recs),
-                "all_converged": all(r.get("converged", True) for r in recs)}
+        return solver_summary(layer.solver for layer in self.layers)
 
     def to_json(self) -> dict:
         return {
@@ -120,13 +121,81 @@ class Flow:
         return buf.getvalue()
 
 
-def check_finite(bpfm: dict, damp: float) -> None:
-    """A diverged solve must not become a silently wrong map (seen at t = 0.01 on MobileNetV2:
-    an unconverged CGLS left non-finite values)."""
-    bad = [t for t, b in bpfm.items() if b is not None and not bool(torch.isfinite(b).all())]
-    if bad:
-        raise NAFlowError(f"the back-projection diverged at damping t = {damp:g}: {len(bad)} tensors hold "
-                          f"non-finite values (first '{bad[0]}'); use a larger --damp")
+def solver_summary(records) -> dict:
+    """Solved segments, worst convergence, iterations, all converged: over solver records."""
+    recs = [r for r in records if r and r.get("kind") in ("cgls", "closed-form", "paper")]
+    conv = [r["convergence"] for r in recs if r.get("convergence") is not None]
+    return {"solved": len(recs), "max_convergence": max(conv) if conv else 0.0,
+            "iterations": int(sum(r.get("iterations", 0) for r in recs)),
+            "all_converged": bool(all(r.get("converged", True) for r in recs))}
+
+
+def _check_methods(method: str) -> None:
+    if method not in METHODS:
+        raise NAFlowError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
+
+
+@dataclass
+class Point:
+    """One image at the forward point (``Analyzer.prepare``): what the back-projection and every
+    map method need. ``env`` holds every detached value of the forward pass; ``Lambda`` the
+    importance of every data tensor; ``layers`` the chosen feature tensors in forward order."""
+
+    image: object                    # what was given (path, array, PIL image)
+    view: np.ndarray                 # uint8 H×W×3 network-input view
+    note: str | None
+    input_shape: list[int]
+    env: dict[str, torch.Tensor]
+    plan: Plan
+    Lambda: dict[str, torch.Tensor]
+    target: dict
+    score_tensor: str
+    parity: dict
+    timings: dict
+    layers: list[str]
+    layer_spec: str | None = None
+
+
+@dataclass
+class BPFMResult:
+    """The back-projection of one point at one damping (``Analyzer.backproject``)."""
+
+    bpfm: dict[str, torch.Tensor]
+    records: dict[str, dict]         # tensor -> how its BPFM was obtained (solver record)
+    damp: float
+    seconds: float
+
+    def error(self) -> str | None:
+        """Why the result must not become a map: a diverged solve (seen at t = 0.01 on
+        MobileNetV2: an unconverged CGLS left non-finite values), else None."""
+        bad = [t for t, b in self.bpfm.items() if b is not None and not bool(torch.isfinite(b).all())]
+        if not bad:
+            return None
+        return (f"the back-projection diverged at damping t = {self.damp:g}: {len(bad)} tensors "
+                f"hold non-finite values (first '{bad[0]}'); use a larger --damp")
+
+    def check(self) -> "BPFMResult":
+        """``self``, or NAFlowError when the solve diverged."""
+        message = self.error()
+        if message:
+            raise NAFlowError(message)
+        return self
+
+    def solver_summary(self) -> dict:
+        return solver_summary(self.records.values())
+
+
+@dataclass
+class Tensors:
+    """``analyze(keep_tensors=True)``: torch tensors by tensor name (activations ``A`` and
+    importance ``Lambda`` of every data tensor, ``BPFM`` of the mapped ones), the ``plan`` and
+    ``env``, every detached value of the forward pass."""
+
+    A: dict[str, torch.Tensor]
+    Lambda: dict[str, torch.Tensor]
+    BPFM: dict[str, torch.Tensor]
+    plan: Plan
+    env: dict[str, torch.Tensor]
 
 
 def _select_layers(features: list[str], mg: ModelGraph, spec: str | None) -> list[str]:
@@ -224,12 +293,11 @@ class Analyzer:
         par = parity(values, captured, self.parity_tol)
         return values, par, {"capture_s": t1 - t0, "rebuild_s": time.perf_counter() - t1}
 
-    def analyze(self, image, target=None, method: str = "naflow", compare: str | None = None,
-                layers: str | None = None, objective=None, progress=None,
-                keep_tensors: bool = False) -> Flow:
-        for m in filter(None, (method, compare)):
-            if m not in METHODS:
-                raise NAFlowError(f"unknown method '{m}' (choose from {', '.join(METHODS)})")
+    # ------------------------------------------------------------------ the stages of one analysis
+    def prepare(self, image, target=None, objective=None, layers: str | None = None) -> Point:
+        """Stage 1: the image at the network input, the forward pass (onnxruntime capture, torch
+        rebuild, parity), the plan, the target and its importance Λ of every data tensor.
+        ``objective`` (e.g. ``similarity_objective``) replaces the class ``target``."""
         mg = self.graph
         view, note = pp_mod.load_image(image, self.preprocess.size, self.max_image_pixels)
         x = self.preprocess.to_input(view)
@@ -241,59 +309,106 @@ class Analyzer:
         if objective is None:
             index = resolve_class(target, scores, self.labels)
             objective = class_objective(mg.score_name, index)
-            probs = torch.softmax(scores[0].double(), 0)
-            target_rec = {"kind": "class", "index": index,
-                          "label": self.labels[index] if self.labels and index < len(self.labels) else None,
-                          "score": float(scores[0, index]), "probability": float(probs[index]),
-                          "top5": [{"index": int(i), "score": float(scores[0, i]),
-                                    "label": self.labels[int(i)] if self.labels and int(i) < len(self.labels) else None}
-                                   for i in scores[0].argsort(descending=True)[:5]]}
+            target_rec = self._class_record(scores, index)
         lam = importance(values, objective, pl.data)
-        if objective is not None and target_rec is None:
+        if target_rec is None:
             target_rec = objective.record()
         timings["importance_s"] = time.perf_counter() - t0
         env = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in values.items()}
-        chosen = _select_layers(pl.features, mg, layers)
-        t0 = time.perf_counter()
-        bpfm, records = {}, {}
-        if method in NEEDS_BPFM or compare in NEEDS_BPFM:
-            bpfm, records = backproject(mg, pl, env, lam, self.opts, progress, set(chosen))
-            check_finite(bpfm, self.opts.damp)
-        timings["bpfm_s"] = time.perf_counter() - t0
+        return Point(image=image, view=view, note=note, input_shape=list(x.shape), env=env,
+                     plan=pl, Lambda=lam, target=target_rec,
+                     score_tensor=getattr(objective, "score_name", mg.score_name), parity=par,
+                     timings=timings, layers=_select_layers(pl.features, mg, layers),
+                     layer_spec=layers)
 
-        def maps_for(m):
-            return {t: layer_map(m, env[t], lam[t], bpfm.get(t))[0].float().cpu().numpy()
-                    for t in chosen}
-        maps = maps_for(method)
-        compare_maps = maps_for(compare) if compare else {}
-        out_layers = []
-        for i, t in enumerate(chosen):
-            node = mg.node_of(t)
-            out_layers.append(Layer(index=i, tensor=t, node=node.name, op_type=node.op_type,
-                                    shape=list(env[t].shape), segment=pl.segment_of.get(t),
-                                    final=t == pl.final, solver=records.get(t)))
+    def _class_record(self, scores: torch.Tensor, index: int) -> dict:
+        def label(i):
+            return self.labels[i] if self.labels and i < len(self.labels) else None
+        probs = torch.softmax(scores[0].double(), 0)
+        return {"kind": "class", "index": index, "label": label(index),
+                "score": float(scores[0, index]), "probability": float(probs[index]),
+                "top5": [{"index": int(i), "score": float(scores[0, i]), "label": label(int(i))}
+                         for i in scores[0].argsort(descending=True)[:5]]}
+
+    def backproject(self, point: Point, damp: float | None = None, progress=None) -> BPFMResult:
+        """Stage 2: the BPFM of every chosen layer at damping ``damp`` (default: the analyzer's).
+        The result is not checked: ``.check()`` raises if the solve diverged."""
+        opts = self.opts if damp is None else replace(self.opts, damp=float(damp))
+        t0 = time.perf_counter()
+        bpfm, records = backproject(self.graph, point.plan, point.env, point.Lambda, opts, progress,
+                                    set(point.layers))
+        return BPFMResult(bpfm, records, opts.damp, time.perf_counter() - t0)
+
+    @staticmethod
+    def maps(point: Point, method: str, bpfm: BPFMResult | None = None) -> dict[str, np.ndarray]:
+        """Stage 3: the raw map (float32 H×W) of every chosen layer by ``method``; ``naflow``
+        needs the ``backproject`` result."""
+        _check_methods(method)
+        if method in NEEDS_BPFM and bpfm is None:
+            raise NAFlowError(f"method '{method}' needs the back-projection (Analyzer.backproject)")
+        env, lam = point.env, point.Lambda
+        b = bpfm.bpfm if bpfm is not None else {}
+        return {t: layer_map(method, env[t], lam[t], b.get(t))[0].float().cpu().numpy()
+                for t in point.layers}
+
+    def layer_records(self, point: Point, records: dict | None = None) -> list[Layer]:
+        """The chosen layers of ``point`` in forward order (with their solver records)."""
+        records = records or {}
+        out = []
+        for i, t in enumerate(point.layers):
+            node = self.graph.node_of(t)
+            out.append(Layer(index=i, tensor=t, node=node.name, op_type=node.op_type,
+                             shape=list(point.env[t].shape), segment=point.plan.segment_of.get(t),
+                             final=t == point.plan.final, solver=records.get(t)))
+        return out
+
+    def flow(self, point: Point, method: str = "naflow", bpfm: BPFMResult | None = None,
+             compare: str | None = None, keep_tensors: bool = False) -> Flow:
+        """Stage 4: the ``Flow`` of ``point`` (maps by ``method`` and ``compare``)."""
+        mg, pl = self.graph, point.plan
+        maps = self.maps(point, method, bpfm)
+        compare_maps = self.maps(point, compare, bpfm) if compare else {}
+        timings = {**point.timings, "bpfm_s": bpfm.seconds if bpfm is not None else 0.0}
         timings["total_s"] = sum(timings.values())
+        image = point.image
         return Flow(
             model={"path": str(mg.path) if mg.path else None, "sha256": mg.sha256, "opset": mg.opset,
-                   "input": mg.input_name, "input_shape": list(x.shape), "output": mg.output_name,
-                   "score_tensor": getattr(objective, "score_name", mg.score_name), "feature_layers": len(pl.features),
+                   "input": mg.input_name, "input_shape": point.input_shape, "output": mg.output_name,
+                   "score_tensor": point.score_tensor, "feature_layers": len(pl.features),
                    "segments": len(pl.segments), "final_tensor": pl.final},
-            input={"path": str(image) if isinstance(image, (str, Path)) else None, "note": note,
-                   "size": list(view.shape[:2])},
-            preprocess=self.preprocess.as_dict(), target=target_rec, method=method,
-            layers=out_layers, maps=maps, image=view, parity=par, timings=timings,
-            options={"damp": self.opts.damp, "conv_inverse": self.opts.conv_inverse,
+            input={"path": str(image) if isinstance(image, (str, Path)) else None, "note": point.note,
+                   "size": list(point.view.shape[:2])},
+            preprocess=self.preprocess.as_dict(), target=point.target, method=method,
+            layers=self.layer_records(point, bpfm.records if bpfm is not None else None),
+            maps=maps, image=point.view, parity=point.parity, timings=timings,
+            options={"damp": bpfm.damp if bpfm is not None else self.opts.damp,
+                     "conv_inverse": self.opts.conv_inverse,
                      "tol": self.opts.tol, "max_iter": self.opts.max_iter,
                      "provider": self.capture.provider, "device": str(self.device),
-                     "layers": layers or "all"},
+                     "layers": point.layer_spec or "all"},
             skipped=dict(pl.skipped), compare=compare, compare_maps=compare_maps,
-            tensors={"A": {t: env[t] for t in pl.data}, "Lambda": lam, "BPFM": bpfm,
-                     "plan": pl, "env": env} if keep_tensors else None)
+            tensors=Tensors(A={t: point.env[t] for t in pl.data}, Lambda=point.Lambda,
+                            BPFM=bpfm.bpfm if bpfm is not None else {}, plan=pl, env=point.env)
+            if keep_tensors else None)
+
+    def analyze(self, image, target=None, method: str = "naflow", compare: str | None = None,
+                layers: str | None = None, objective=None, progress=None,
+                keep_tensors: bool = False) -> Flow:
+        """The composition of the stages: ``prepare``, ``backproject`` (when ``method`` or
+        ``compare`` needs it; a diverged solve raises), ``flow``."""
+        for m in filter(None, (method, compare)):
+            _check_methods(m)
+        point = self.prepare(image, target=target, objective=objective, layers=layers)
+        bpfm = None
+        if method in NEEDS_BPFM or compare in NEEDS_BPFM:
+            bpfm = self.backproject(point, progress=progress).check()
+        return self.flow(point, method, bpfm, compare=compare, keep_tensors=keep_tensors)
 
 
 def analyze(model, image, target=None, method: str = "naflow", **options) -> Flow:
-    """One-call API: ``naflow_onnx.analyze("model.onnx", "cat.jpg")`` -> ``Flow``."""
-    compare = options.pop("compare", None)
-    layers = options.pop("layers", None)
-    return Analyzer(model, **options).analyze(image, target=target, method=method,
-                                              compare=compare, layers=layers)
+    """One-call API: ``naflow_onnx.analyze("model.onnx", "cat.jpg")`` -> ``Flow``. ``options``
+    are ``Analyzer``'s and ``Analyzer.analyze``'s (``compare``, ``layers``, ``objective``,
+    ``progress``, ``keep_tensors``)."""
+    per_image = {k: options.pop(k) for k in ("compare", "layers", "objective", "progress",
+                                             "keep_tensors") if k in options}
+    return Analyzer(model, **options).analyze(image, target=target, method=method, **per_image)

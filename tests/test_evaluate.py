@@ -179,11 +179,13 @@ def test_diverged_back_projection_is_an_error():
     """A non-finite BPFM (a diverged solve) is refused with a clear message, never drawn."""
     import torch
     from naflow_onnx.errors import NAFlowError
-    from naflow_onnx.flow import check_finite
+    from naflow_onnx.flow import BPFMResult
 
-    check_finite({"a": torch.ones(2), "b": None}, 0.3)
+    ok = BPFMResult({"a": torch.ones(2), "b": None}, {}, 0.3, 0.0)
+    assert ok.error() is None and ok.check() is ok
+    bad = BPFMResult({"a": torch.ones(2), "b": torch.tensor([1.0, float("nan")])}, {}, 0.01, 0.0)
     with pytest.raises(NAFlowError, match=r"diverged at damping t = 0.01: 1 tensors hold non-finite values \(first 'b'\)"):
-        check_finite({"a": torch.ones(2), "b": torch.tensor([1.0, float("nan")])}, 0.01)
+        bad.check()
 
 
 def test_jobs_workers_exit_with_a_killed_evaluate(tmp_path):

@@ -26,7 +26,7 @@ def test_mobilenet_predicts_egyptian_cat(mobilenet_flow):
 
 def test_mobilenet_every_layer_mapped_parity_and_convergence(mobilenet_flow):
     flow = mobilenet_flow
-    plan = flow.tensors["plan"]
+    plan = flow.tensors.plan
     # 52 Conv + 35 Clip + 10 Add outputs: every feature tensor of the network
     assert len(flow.layers) == len(plan.features) == 97
     assert set(flow.maps) == set(plan.features)
@@ -45,9 +45,9 @@ def test_mobilenet_final_layer_equals_gradcam(mobilenet_flow):
 
 def test_mobilenet_abandonment(mobilenet_flow):
     t = mobilenet_flow.tensors
-    for name, bpfm in t["BPFM"].items():
+    for name, bpfm in t.BPFM.items():
         if name != mobilenet_flow.final_layer:
-            assert torch.all(bpfm[t["Lambda"][name] == 0] == 0), name
+            assert torch.all(bpfm[t.Lambda[name] == 0] == 0), name
 
 
 def test_reference_method_equals_layercam(mobilenet_analyzer, photos):
@@ -57,7 +57,7 @@ def test_reference_method_equals_layercam(mobilenet_analyzer, photos):
     checked = 0
     for layer in flow.layers:
         if layer.op_type == "Clip":
-            assert float(flow.tensors["A"][layer.tensor].min()) >= 0
+            assert float(flow.tensors.A[layer.tensor].min()) >= 0
             np.testing.assert_allclose(flow.maps[layer.tensor], flow.compare_maps[layer.tensor],
                                        rtol=1e-5, atol=1e-6 * float(flow.maps[layer.tensor].max()))
             checked += 1
@@ -104,7 +104,7 @@ def nsfw(opennsfw_flow):
 
 
 def test_opennsfw_every_layer_mapped_from_the_file_alone(nsfw, opennsfw_path):
-    plan = nsfw.tensors["plan"]
+    plan = nsfw.tensors.plan
     counts = {}
     for n in onnx.load(opennsfw_path).graph.node:
         counts[n.op_type] = counts.get(n.op_type, 0) + 1
@@ -117,7 +117,7 @@ def test_opennsfw_every_layer_mapped_from_the_file_alone(nsfw, opennsfw_path):
 
 
 def test_opennsfw_every_residual_segment_solved(nsfw):
-    plan = nsfw.tensors["plan"]
+    plan = nsfw.tensors.plan
     joint = [s for s in plan.segments if s.joint]
     assert len(joint) == 16
     records = {r["segment"]: r for layer in nsfw.layers if (r := layer.solver)
@@ -130,6 +130,6 @@ def test_opennsfw_every_residual_segment_solved(nsfw):
 
 def test_opennsfw_abandonment(nsfw):
     t = nsfw.tensors
-    for name, bpfm in t["BPFM"].items():
+    for name, bpfm in t.BPFM.items():
         if name != nsfw.final_layer:
-            assert torch.all(bpfm[t["Lambda"][name] == 0] == 0), name
+            assert torch.all(bpfm[t.Lambda[name] == 0] == 0), name

@@ -338,7 +338,7 @@ def test_ops_legacy(case):
 
 def test_every_feature_layer_mapped(case):
     flow = case.flow()
-    plan = flow.tensors["plan"]
+    plan = flow.tensors.plan
     expected = main_path_feature_nodes(onnx.load(case.legacy()["path"]))
     assert sum(n.op_type == "Conv" for n in expected) >= 4
     # the plan's feature tensors are exactly the ones counted from the ONNX graph alone ...
@@ -375,7 +375,7 @@ def test_final_layer_property_1(case):
     ours = flow.maps[final]
     if case.name in FLATTEN_HEADS:
         assert not consumers & GAP_HEAD_OPS, consumers
-        A, lam = flow.tensors["A"][final], flow.tensors["Lambda"][final]
+        A, lam = flow.tensors.A[final], flow.tensors.Lambda[final]
         ref = torch.relu((lam * A).sum(1))[0].float().numpy()
     else:
         assert consumers & GAP_HEAD_OPS, consumers
@@ -388,12 +388,12 @@ def test_abandonment_property_3(case):
     """§8.3: BPFM is exactly 0 wherever Lambda is 0 (dead ReLUs, MaxPool losers, padding)."""
     flow = case.flow()
     t = flow.tensors
-    assert set(t["BPFM"]) >= set(flow.tensors["plan"].features)
+    assert set(t.BPFM) >= set(flow.tensors.plan.features)
     zeros = 0
-    for name, bpfm in t["BPFM"].items():
+    for name, bpfm in t.BPFM.items():
         if name == flow.final_layer:
             continue
-        dead = t["Lambda"][name] == 0
+        dead = t.Lambda[name] == 0
         zeros += int(dead.sum())
         assert torch.all(bpfm[dead] == 0), name
     assert zeros > 0

@@ -47,7 +47,7 @@ def torch_reference(model, image, index):
 @pytest.mark.parametrize("name", MODELS)
 def test_every_feature_layer_mapped_and_parity(flows, name):
     flow = flows[name]
-    plan = flow.tensors["plan"]
+    plan = flow.tensors.plan
     assert len(flow.layers) == len(plan.features) >= 6
     assert flow.parity["max_relative_error"] < 1e-4
     assert all(np.isfinite(m).all() for m in flow.maps.values())
@@ -62,7 +62,7 @@ def test_final_layer_equals_gradcam(flows, small_models, small_image, name):
     A, grad = torch_reference(model, small_image, flow.target["index"])[-1]
     pre = (grad.mean((2, 3), keepdim=True) * A).sum(1)[0]
     t = flow.tensors
-    ours = (t["Lambda"][flow.final_layer] * t["BPFM"][flow.final_layer]).sum(1)[0].cpu()
+    ours = (t.Lambda[flow.final_layer] * t.BPFM[flow.final_layer]).sum(1)[0].cpu()
     scale = float(pre.abs().max())
     torch.testing.assert_close(ours, pre, rtol=1e-4, atol=1e-5 * scale)
     final = flow.maps[flow.final_layer]
@@ -74,10 +74,10 @@ def test_abandonment_exact_zero(flows, name):
     """§8.3: BPFM is exactly 0 wherever Lambda is 0 (dead ReLUs, MaxPool losers, padding)."""
     t = flows[name].tensors
     zeros_seen = 0
-    for tensor, bpfm in t["BPFM"].items():
+    for tensor, bpfm in t.BPFM.items():
         if tensor == flows[name].final_layer:
             continue
-        mask = t["Lambda"][tensor] == 0
+        mask = t.Lambda[tensor] == 0
         zeros_seen += int(mask.sum())
         assert torch.all(bpfm[mask] == 0), tensor
     assert zeros_seen > 0
@@ -88,11 +88,11 @@ def test_lambda_equals_torch_autograd(flows, small_models, small_image, name):
     """§8.6: Lambda equals the gradient of the independent torch model, matched by activation."""
     flow = flows[name]
     ref = torch_reference(small_models[name][0], small_image, flow.target["index"])
-    A = {k: v.cpu() for k, v in flow.tensors["A"].items()}
-    lam = {k: v.cpu() for k, v in flow.tensors["Lambda"].items()}
+    A = {k: v.cpu() for k, v in flow.tensors.A.items()}
+    lam = {k: v.cpu() for k, v in flow.tensors.Lambda.items()}
     matched = 0
     for act, grad in ref:
-        for tensor in flow.tensors["plan"].features:
+        for tensor in flow.tensors.plan.features:
             a = A[tensor]
             if a.shape == act.shape and torch.allclose(a, act, rtol=1e-4, atol=1e-5):
                 torch.testing.assert_close(lam[tensor], grad, rtol=1e-3, atol=1e-6)
@@ -143,7 +143,7 @@ def test_infinite_damping_is_gradient_times_activation(small_models, small_image
 def test_gated_block_gates_not_mapped(flows):
     flow = flows["gated"]
     assert any("gate" in reason for reason in flow.skipped.values())
-    assert flow.tensors["plan"].gates
+    assert flow.tensors.plan.gates
 
 
 def test_unfolded_batchnorm_is_kept(small_models):

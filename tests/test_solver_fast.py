@@ -138,8 +138,8 @@ def test_fast_flow_equals_reference(small_models, small_image, monkeypatch):
         assert fast.solver_summary()["all_converged"]
         for layer in ref.layers:
             t = layer.tensor
-            a = ref.tensors["A"][t]
-            d_ref, d_fast = ref.tensors["BPFM"][t] - a, fast.tensors["BPFM"][t] - a
+            a = ref.tensors.A[t]
+            d_ref, d_fast = ref.tensors.BPFM[t] - a, fast.tensors.BPFM[t] - a
             if float(d_ref.norm()) > 0:
                 assert _rel(d_fast, d_ref) < 1e-4, (name, t)
             np.testing.assert_allclose(fast.maps[t], ref.maps[t], rtol=1e-4,

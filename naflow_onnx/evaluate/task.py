@@ -17,7 +17,7 @@ pre-softmax tensor the analysis explains), evaluated on batches of perturbed ima
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -134,38 +134,22 @@ class EvaluationTask(Task):
 
     # ---------------------------------------------------------------- per image
     def maps(self, analyzer, item) -> tuple[object, dict, dict]:
-        """The flow (Λ etc.) and ``{variant: {tensor: map}}`` plus solver records per variant."""
-        from ..errors import NAFlowError
-        from ..flow import check_finite
-        from ..methods import layer_map
-        from ..rules.backproject import backproject
-
-        flow = analyzer.analyze(item.image, target=item.target, method="gradcam",
-                                layers=self.layers, keep_tensors=True)
-        tens = flow.tensors
-        env, lam, pl = tens["env"], tens["Lambda"], tens["plan"]
-        chosen = [layer.tensor for layer in flow.layers]
+        """The analysed point and ``{variant: {tensor: map}}`` (None where the back-projection
+        diverged) plus the solver summary per naflow variant."""
+        point = analyzer.prepare(item.image, target=item.target, layers=self.layers)
         out, solver = {}, {}
         for v in self.variants:
             bpfm = None
             if v.method == "naflow":
-                opts = analyzer.opts if v.damp is None else replace(analyzer.opts, damp=v.damp)
-                bpfm, records = backproject(analyzer.graph, pl, env, lam, opts, None, set(chosen))
-                recs = [r for r in records.values() if r and r.get("kind") in ("cgls", "closed-form", "paper")]
-                conv = [r["convergence"] for r in recs if r.get("convergence") is not None]
-                solver[v.name] = {"max_convergence": max(conv) if conv else 0.0,
-                                  "iterations": int(sum(r.get("iterations", 0) for r in recs)),
-                                  "all_converged": bool(all(r.get("converged", True) for r in recs))}
-                try:
-                    check_finite(bpfm, opts.damp)
-                except NAFlowError as exc:   # this variant fails on this image; the others go on
-                    solver[v.name]["error"] = str(exc)
+                bpfm = analyzer.backproject(point, damp=v.damp)
+                solver[v.name] = bpfm.solver_summary()
+                error = bpfm.error()
+                if error:                    # this variant fails on this image; the others go on
+                    solver[v.name]["error"] = error
                     out[v.name] = None
                     continue
-            out[v.name] = {t: layer_map(v.method, env[t], lam[t], bpfm.get(t) if bpfm else None)[0]
-                           .float().cpu().numpy() for t in chosen}
-        flow.tensors = None
-        return flow, out, solver
+            out[v.name] = analyzer.maps(point, v.method, bpfm)
+        return point, out, solver
 
     def __call__(self, item) -> dict:
         import time
@@ -173,12 +157,12 @@ class EvaluationTask(Task):
         from . import metrics as M
 
         t0 = time.perf_counter()
-        flow, maps, solver = self.maps(self.analyzer, item)
-        view = flow.image
+        point, maps, solver = self.maps(self.analyzer, item)
+        view = point.view
         mask = item.mask_for(view.shape[:2])
-        target = int(flow.target["index"])
+        target = int(point.target["index"])
         prob = self.prob.fn(target)
-        tensors = [layer.tensor for layer in flow.layers]
+        tensors = point.layers
         V, L = len(self.variants), len(tensors)
         scores = np.full((V, L, len(METRICS)), np.nan)
         curves: dict[bytes, tuple[float, float]] = {}   # identical maps (e.g. reference and
@@ -206,12 +190,13 @@ class EvaluationTask(Task):
                         continue
                     for j, t in enumerate(tensors):
                         spear[a, i, j] = M.spearman(maps[v.name][t], maps_k[v.name][t])
-        top = flow.target["top5"][0]["index"]
+        top = point.target["top5"][0]["index"]
         return {"index": item.index, "name": item.name, "tensors": tensors,
                 "layers": [{"tensor": la.tensor, "op_type": la.op_type, "shape": la.shape,
-                            "final": la.final, "segment": la.segment} for la in flow.layers],
+                            "final": la.final, "segment": la.segment}
+                           for la in self.analyzer.layer_records(point)],
                 "target": target, "label": item.label, "predicted": int(top),
-                "probability": float(flow.target["probability"]),
+                "probability": float(point.target["probability"]),
                 "mask_fraction": float(mask.mean()), "scores": scores, "randomisation": spear,
                 "solver": solver, "seconds": {"maps_and_metrics": t1 - t0,
                                               "randomisation": time.perf_counter() - t1}}

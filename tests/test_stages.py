@@ -1,0 +1,70 @@
+"""The analysis stages (``Analyzer.prepare`` -> ``backproject`` -> ``maps`` -> ``flow``) compose to
+``Analyzer.analyze``, and the one-call ``analyze`` takes the per-image options the README shows."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import naflow_onnx as nf
+from naflow_onnx.errors import NAFlowError
+from naflow_onnx.flow import BPFMResult, Point
+
+
+@pytest.fixture(scope="module")
+def residual(small_models):
+    return nf.Analyzer(small_models["residual"][1], damp=0.1, tol=1e-6)
+
+
+def test_stages_compose_to_analyze(residual, small_image):
+    whole = residual.analyze(small_image, method="naflow", compare="gradcam")
+    point = residual.prepare(small_image)
+    assert isinstance(point, Point) and point.layers == [layer.tensor for layer in whole.layers]
+    assert point.target == whole.target
+    bp = residual.backproject(point)
+    assert isinstance(bp, BPFMResult) and bp.error() is None and bp.damp == 0.1
+    for method, maps in (("naflow", whole.maps), ("gradcam", whole.compare_maps)):
+        staged = residual.maps(point, method, bp)
+        assert staged.keys() == maps.keys()
+        for t in maps:
+            np.testing.assert_array_equal(staged[t], maps[t])
+    assert bp.solver_summary() == whole.solver_summary()
+    assert [layer.as_dict() for layer in residual.layer_records(point, bp.records)] == \
+        [layer.as_dict() for layer in whole.layers]
+
+
+def test_one_point_at_two_dampings(residual, small_image):
+    """What evaluate --damps does: one forward point, two back-projections; each equals a whole
+    analysis by an analyzer built with that damping."""
+    point = residual.prepare(small_image)
+    other = nf.Analyzer(residual.graph.path, damp=1.0, tol=1e-6)
+    at_1 = residual.maps(point, "naflow", residual.backproject(point, damp=1.0))
+    at_01 = residual.maps(point, "naflow", residual.backproject(point))
+    reference = other.analyze(small_image)
+    for t in reference.maps:
+        np.testing.assert_allclose(at_1[t], reference.maps[t], rtol=1e-5, atol=1e-7)
+    # the damping matters below the final layer (else the test above proves nothing)
+    assert any(not np.allclose(at_1[t], at_01[t], rtol=1e-3) for t in point.layers[:-1])
+
+
+def test_naflow_maps_need_the_back_projection(residual, small_image):
+    point = residual.prepare(small_image)
+    with pytest.raises(NAFlowError, match="needs the back-projection"):
+        residual.maps(point, "naflow")
+    with pytest.raises(NAFlowError, match="unknown method 'nope'"):
+        residual.maps(point, "nope")
+
+
+def test_one_call_analyze_keeps_tensors(small_models, small_image):
+    """README: ``naflow_onnx.analyze(..., keep_tensors=True)`` (it used to be refused)."""
+    flow = nf.analyze(small_models["chain"][1], small_image, damp=0.1, keep_tensors=True,
+                      layers="op:Relu")
+    t = flow.tensors
+    assert set(flow.maps) <= set(t.BPFM) and set(t.A) == set(t.Lambda) == t.plan.data
+    assert all(flow.layer(name).op_type == "Relu" for name in flow.maps if not flow.layer(name).final)
+    final = flow.final_layer
+    # the maps come from these tensors: Eq. 2 at the final layer, recomputed here
+    expected = torch.relu((t.Lambda[final] * t.BPFM[final]).sum(1))[0].float().numpy()
+    np.testing.assert_allclose(flow.maps[final], expected, rtol=1e-6)
+    assert nf.analyze(small_models["chain"][1], small_image).tensors is None
+
