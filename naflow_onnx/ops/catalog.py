@@ -106,7 +106,7 @@ register("Clip", ew.clip, rule=PASS, role=LAYOUT, elementwise=True, note="(ReLU6
 register("LeakyRelu", ew.leaky_relu, rule=PIECEWISE, role=LAYOUT, elementwise=True,
          samples=lambda: [Sample(X4, attrs={"alpha": 0.2})])
 register("PRelu", ew.prelu, rule=PIECEWISE, role=LAYOUT, elementwise=True, samples=lambda: [
-    Sample(X4, _consts(slope=torch.tensor([0.1, 0.3, 2.0])))])
+    Sample(X4, _consts(slope=torch.tensor([0.1, 0.3, 2.0]).reshape(3, 1, 1)))])
 register("Elu", ew.elu, rule=PIECEWISE, role=LAYOUT, elementwise=True,
          samples=lambda: [Sample(X4, attrs={"alpha": 0.7})])
 register("Selu", ew.selu, rule=PIECEWISE, role=LAYOUT, elementwise=True,
