@@ -6,10 +6,12 @@ A record holds the op's torch rebuild (``naflow_onnx/rebuild/``), its inverse ru
 own list of op types. Rules stay classes apart from where they apply: a record points to a rule,
 ``rules/backproject.py`` decides where it runs.
 
-How to add an op (one place: ``naflow_onnx/ops/catalog.py``)::
+How to add an op (one place: ``naflow_onnx/ops/catalog.py``), e.g.::
 
-    register("Selu", unary_fn, rule=ELU_FAMILY, role=LAYOUT, elementwise=True,
-             samples=lambda: [Sample(shapes={"x": (1, 2, 4, 4)}, attrs={"alpha": 1.5})])
+    register("Selu", ew.selu, rule=PIECEWISE, role=LAYOUT, elementwise=True,
+             samples=lambda: [Sample(X4), Sample(X4, attrs={"alpha": 1.2, "gamma": 0.5})])
+    register("Foo", foo_v1, until=12)          # two opset ranges of one op: two records
+    register("Foo", foo_v13, since=13)
 
 1. write the torch function ``fn(node, inputs) -> tensor | list`` in the ``rebuild/`` family
    file (``node.attr(...)``, ``node.opset``; ``inputs`` are torch tensors, ``None`` if omitted);
