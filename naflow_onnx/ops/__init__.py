@@ -105,8 +105,8 @@ class Registry:
         self._records: dict[tuple[str, str], list[OpRecord]] = {}
 
     def register(self, op_type: str, rebuild: Callable, **traits) -> OpRecord:
+        traits["domain"] = _domain(traits.get("domain"))
         rec = OpRecord(op_type=op_type, rebuild=rebuild, **traits)
-        rec = OpRecord(**{**rec.__dict__, "domain": _domain(rec.domain)})
         if rec.role not in (FEATURE, LAYOUT, OTHER):
             raise ValueError(f"{op_type}: unknown role '{rec.role}'")
         same = self._records.setdefault((rec.domain, op_type), [])
