@@ -178,6 +178,52 @@ def test_refusals_name_the_node(op):
         invert(node, env, y, data=["a", "b"])
 
 
+# --- end to end: ops that got a rule with the registry ------------------------------------------
+
+def _analysed(act: str, tmp_path):
+    """Three convs, each followed by ``act``, a GAP + linear head; the same weights for every act."""
+    import numpy as np
+    from torch import nn
+
+    import naflow_onnx as nf
+    from exporters.torch_export import export
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.convs = nn.ModuleList([nn.Conv2d(3, 8, 3, 1, 1), nn.Conv2d(8, 8, 3, 1, 1),
+                                        nn.Conv2d(8, 8, 3, 2, 1)])
+            self.fc = nn.Linear(8, 5)
+
+        def forward(self, x):
+            for conv in self.convs:
+                x = conv(x)
+                x = {"relu": torch.relu, "softplus": torch.nn.functional.softplus,
+                     "max": lambda t: torch.maximum(t, torch.zeros(()))}[act](x)
+            return self.fc(x.mean((2, 3)))
+
+    path = tmp_path / f"{act}.onnx"
+    export(Net().eval(), path, (1, 3, 16, 16), preprocess="none")
+    image = (np.random.default_rng(0).random((16, 16, 3)) * 255).astype(np.uint8)
+    flow = nf.Analyzer(path, tol=1e-6, max_iter=5000).analyze(image, target=0)
+    return flow, [n.op_type for n in onnx.load(path).graph.node]
+
+
+def test_max_with_zero_maps_like_relu_and_softplus_maps_every_layer(tmp_path):
+    """Max(x, 0) is a ReLU: the same maps as the ReLU net (before the registry, Max was a
+    layout-keeping op with no rule and the net was refused). Softplus nets map every layer."""
+    relu, _ = _analysed("relu", tmp_path)
+    as_max, op_types = _analysed("max", tmp_path)
+    assert op_types.count("Max") == 3 and "Relu" not in op_types
+    assert len(as_max.layers) == len(relu.layers) == 6
+    for a, b in zip(as_max.maps.values(), relu.maps.values()):
+        assert float(abs(a - b).max()) <= 1e-5 * max(float(abs(b).max()), 1e-12)
+    soft, op_types = _analysed("softplus", tmp_path)
+    assert op_types.count("Softplus") == 3
+    assert len(soft.layers) == 6 and soft.solver_summary()["all_converged"]
+
+
 # --- §8.4 matrix-free vs dense, §8.5 paper mode ------------------------------------------------
 
 @pytest.mark.parametrize("damp", [0.0, 0.1, 1.0])
