@@ -15,10 +15,10 @@ How to add an op (one place: ``naflow_onnx/ops/catalog.py``), e.g.::
 
 1. write the torch function ``fn(node, inputs) -> tensor | list`` in the ``rebuild/`` family
    file (``node.attr(...)``, ``node.opset``; ``inputs`` are torch tensors, ``None`` if omitted);
-2. if the op can lie on the data path between feature layers, give it a rule: an instance of an
-   ``InverseRule`` subclass from ``rules/`` (write a new class only for new maths), and
-   ``samples``: small generated instances on which ``tests/test_rules.py`` checks the rule's
-   round trips (METHOD.md §8.2);
+2. give it ``samples``: small generated instances on which ``tests/test_rules.py`` compares the
+   rebuild with onnxruntime and, if it has a rule, checks the rule's round trips (METHOD.md §8.2);
+   if the op can lie on the data path between feature layers, give it a rule: an instance of an
+   ``InverseRule`` subclass from ``rules/`` (write a new class only for new maths);
 3. state its traits (see ``OpRecord``); an op whose output keeps its input's N×C×H×W meaning
    (``role=LAYOUT``) must have a rule (a test walks the registry);
 4. regenerate README's "Supported ops" table: ``python -m naflow_onnx.ops`` prints it.
@@ -44,7 +44,8 @@ OTHER = "other"       # anything else (reshapes, heads, shape arithmetic): the o
 
 @dataclass(frozen=True)
 class Sample:
-    """A generated instance of an op, on which the rule tests check METHOD.md §8.2.
+    """A generated instance of an op: ``tests/test_rules.py`` compares its torch rebuild with
+    onnxruntime (every op) and checks its rule's round trips, METHOD.md §8.2 (ops with a rule).
 
     ``shapes``: the data inputs (random normal, drawn by the test); ``consts``: the other inputs,
     drawn from the generator it is given. ``check``: ``"injective"`` (inverse(forward(x)) == x,
