@@ -6,17 +6,19 @@ A record holds the op's torch rebuild (``naflow_onnx/rebuild/``), its inverse ru
 own list of op types. Rules stay classes apart from where they apply: a record points to a rule,
 ``rules/backproject.py`` decides where it runs.
 
-How to add an op (one place: ``naflow_onnx/ops/catalog.py``)::
+How to add an op (one place: ``naflow_onnx/ops/catalog.py``), e.g.::
 
-    register("Selu", unary_fn, rule=ELU_FAMILY, role=LAYOUT, elementwise=True,
-             samples=lambda: [Sample(shapes={"x": (1, 2, 4, 4)}, attrs={"alpha": 1.5})])
+    register("Selu", ew.selu, rule=PIECEWISE, role=LAYOUT, elementwise=True,
+             samples=lambda: [Sample(X4), Sample(X4, attrs={"alpha": 1.2, "gamma": 0.5})])
+    register("Foo", foo_v1, until=12)          # two opset ranges of one op: two records
+    register("Foo", foo_v13, since=13)
 
 1. write the torch function ``fn(node, inputs) -> tensor | list`` in the ``rebuild/`` family
    file (``node.attr(...)``, ``node.opset``; ``inputs`` are torch tensors, ``None`` if omitted);
-2. if the op can lie on the data path between feature layers, give it a rule: an instance of an
-   ``InverseRule`` subclass from ``rules/`` (write a new class only for new maths), and
-   ``samples``: small generated instances on which ``tests/test_rules.py`` checks the rule's
-   round trips (METHOD.md §8.2);
+2. give it ``samples``: small generated instances on which ``tests/test_rules.py`` compares the
+   rebuild with onnxruntime and, if it has a rule, checks the rule's round trips (METHOD.md §8.2);
+   if the op can lie on the data path between feature layers, give it a rule: an instance of an
+   ``InverseRule`` subclass from ``rules/`` (write a new class only for new maths);
 3. state its traits (see ``OpRecord``); an op whose output keeps its input's N×C×H×W meaning
    (``role=LAYOUT``) must have a rule (a test walks the registry);
 4. regenerate README's "Supported ops" table: ``python -m naflow_onnx.ops`` prints it.
@@ -42,7 +44,8 @@ OTHER = "other"       # anything else (reshapes, heads, shape arithmetic): the o
 
 @dataclass(frozen=True)
 class Sample:
-    """A generated instance of an op, on which the rule tests check METHOD.md §8.2.
+    """A generated instance of an op: ``tests/test_rules.py`` compares its torch rebuild with
+    onnxruntime (every op) and checks its rule's round trips, METHOD.md §8.2 (ops with a rule).
 
     ``shapes``: the data inputs (random normal, drawn by the test); ``consts``: the other inputs,
     drawn from the generator it is given. ``check``: ``"injective"`` (inverse(forward(x)) == x,
@@ -103,8 +106,8 @@ class Registry:
         self._records: dict[tuple[str, str], list[OpRecord]] = {}
 
     def register(self, op_type: str, rebuild: Callable, **traits) -> OpRecord:
+        traits["domain"] = _domain(traits.get("domain"))
         rec = OpRecord(op_type=op_type, rebuild=rebuild, **traits)
-        rec = OpRecord(**{**rec.__dict__, "domain": _domain(rec.domain)})
         if rec.role not in (FEATURE, LAYOUT, OTHER):
             raise ValueError(f"{op_type}: unknown role '{rec.role}'")
         same = self._records.setdefault((rec.domain, op_type), [])

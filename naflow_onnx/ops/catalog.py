@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from onnx import numpy_helper
 
 from ..rebuild import conv as cv
 from ..rebuild import elementwise as ew
@@ -106,7 +107,7 @@ register("Clip", ew.clip, rule=PASS, role=LAYOUT, elementwise=True, note="(ReLU6
 register("LeakyRelu", ew.leaky_relu, rule=PIECEWISE, role=LAYOUT, elementwise=True,
          samples=lambda: [Sample(X4, attrs={"alpha": 0.2})])
 register("PRelu", ew.prelu, rule=PIECEWISE, role=LAYOUT, elementwise=True, samples=lambda: [
-    Sample(X4, _consts(slope=torch.tensor([0.1, 0.3, 2.0])))])
+    Sample(X4, _consts(slope=torch.tensor([0.1, 0.3, 2.0]).reshape(3, 1, 1)))])
 register("Elu", ew.elu, rule=PIECEWISE, role=LAYOUT, elementwise=True,
          samples=lambda: [Sample(X4, attrs={"alpha": 0.7})])
 register("Selu", ew.selu, rule=PIECEWISE, role=LAYOUT, elementwise=True,
@@ -194,21 +195,52 @@ register("Slice", sh.slice_, rule=STRUCTURAL, samples=lambda: [
 # ------------------------------------------------------------------------------------------------
 # rebuilt only: heads, shape arithmetic, gate branches (no rule: refused between feature layers)
 
-register("Softmax", ew.softmax, probability=True)
-register("LogSoftmax", ew.log_softmax, probability=True)
-register("Expand", sh.expand, gate_path=True)
-register("Tile", sh.tile, gate_path=True)
-for _op, _fn in {"Shape": sh.shape, "Size": sh.size, "Gather": sh.gather, "Constant": sh.constant,
-                 "ConstantOfShape": sh.constant_of_shape, "Range": sh.range_, "Where": ew.where,
-                 "ReduceMax": pl.reduce_max, "ReduceMin": pl.reduce_min, "ReduceL2": pl.reduce_l2,
-                 "LpNormalization": ew.lp_normalization}.items():
-    register(_op, _fn)
+_POS = _consts(x=lambda g: torch.rand(1, 3, 4, 4, generator=g) + 0.1)   # a positive operand
+_BOOLS = _consts(p=torch.tensor([True, False, True, False]), q=torch.tensor([True, True, False, False]))
+_TWO = {"x": (1, 3, 4, 4), "c": (1, 3, 4, 4)}
+
+
+def _tensor_attr(*values):
+    return numpy_helper.from_array(torch.tensor(values, dtype=torch.float32).numpy(), "value")
+
+
+register("Softmax", ew.softmax, probability=True, samples=lambda: [
+    Sample(X4, attrs={"axis": 1}), Sample({"x": (2, 5)}, opset=11, label="opset 11")])
+register("LogSoftmax", ew.log_softmax, probability=True,
+         samples=lambda: [Sample({"x": (2, 5)})])
+register("Expand", sh.expand, gate_path=True, samples=lambda: [
+    Sample({"x": (1, 3, 1, 1)}, _consts(shape=_int64(1, 3, 4, 5)))])
+register("Tile", sh.tile, gate_path=True, samples=lambda: [
+    Sample({"x": (1, 3, 2, 2)}, _consts(repeats=_int64(1, 1, 2, 3)))])
+register("Shape", sh.shape, samples=lambda: [Sample(X4), Sample(X4, attrs={"start": 1, "end": -1})])
+register("Size", sh.size, samples=lambda: [Sample(X4)])
+register("Gather", sh.gather, samples=lambda: [
+    Sample({"x": (2, 3, 4)}, _consts(i=_int64(0, 2, -1, 1).reshape(2, 2)), attrs={"axis": 1}),
+    Sample({"x": (2, 3, 4)}, _consts(i=torch.tensor(1)), label="scalar index")])
+register("Constant", sh.constant, samples=lambda: [
+    Sample({}, attrs={"value": _tensor_attr(1.0, -2.0)}), Sample({}, attrs={"value_float": 0.5})])
+register("ConstantOfShape", sh.constant_of_shape, samples=lambda: [
+    Sample({}, _consts(shape=_int64(2, 3)), attrs={"value": _tensor_attr(1.5)})])
+register("Range", sh.range_, samples=lambda: [
+    Sample({}, _consts(a=torch.tensor(1.0), b=torch.tensor(7.5), d=torch.tensor(2.0)))])
+register("Where", ew.where, samples=lambda: [
+    Sample({"x": (2, 4), "c": (2, 4)}, _consts(p=torch.tensor([True, False, False, True])),
+           inputs=("p", "x", "c"))])
+register("ReduceMax", pl.reduce_max, samples=lambda: [Sample(X4, attrs={"axes": [1]})])
+register("ReduceMin", pl.reduce_min, samples=lambda: [Sample(X4, attrs={"keepdims": 0})])
+register("ReduceL2", pl.reduce_l2, samples=lambda: [Sample(X4, attrs={"axes": [2, 3]})])
+register("LpNormalization", ew.lp_normalization, samples=lambda: [Sample(X4, attrs={"axis": 1})])
 for _op, _fn in {"Exp": torch.exp, "Log": torch.log, "Sqrt": torch.sqrt, "Neg": torch.neg,
                  "Abs": torch.abs, "Reciprocal": torch.reciprocal, "Erf": torch.erf}.items():
-    register(_op, ew.unary(_fn), elementwise=True)
-for _op, _fn in {"Floor": torch.floor, "Ceil": torch.ceil, "Not": torch.logical_not}.items():
-    register(_op, ew.unary(_fn))
-for _op, _fn in {"Pow": torch.pow, "Equal": torch.eq, "Less": torch.lt, "Greater": torch.gt,
-                 "LessOrEqual": torch.le, "GreaterOrEqual": torch.ge, "And": torch.logical_and,
-                 "Or": torch.logical_or}.items():
-    register(_op, ew.binary(_fn))
+    register(_op, ew.unary(_fn), elementwise=True, samples=lambda: [Sample({}, _POS)])
+for _op, _fn in {"Floor": torch.floor, "Ceil": torch.ceil}.items():
+    register(_op, ew.unary(_fn), samples=lambda: [Sample(X4, scale=3.0)])
+register("Not", ew.unary(torch.logical_not), samples=lambda: [Sample({}, _BOOLS, inputs=("p",))])
+register("Pow", ew.binary(torch.pow), samples=lambda: [
+    Sample({"c": (1, 3, 4, 4)}, _POS, inputs=("x", "c"))])
+for _op, _fn in {"Equal": torch.eq, "Less": torch.lt, "Greater": torch.gt,
+                 "LessOrEqual": torch.le, "GreaterOrEqual": torch.ge}.items():
+    register(_op, ew.binary(_fn), samples=lambda: [
+        Sample(_TWO), Sample({"x": (1, 3, 4, 4)}, _consts(c=torch.tensor(0.0)), label="scalar")])
+for _op, _fn in {"And": torch.logical_and, "Or": torch.logical_or}.items():
+    register(_op, ew.binary(_fn), samples=lambda: [Sample({}, _BOOLS)])
