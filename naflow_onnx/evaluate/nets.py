@@ -11,14 +11,15 @@ All take ``[N, 3, 96, 96]`` float input (see train.PREPROCESS) and return ``[N, 
 * ``conv4``    the few-shot "Conv4" block layout: 4 x (conv3x3-BN-LeakyReLU(0.2)-MaxPool2),
                GAP, linear (``Conv4(head="flatten")`` flattens the 6x6 map instead, as the
                few-shot embeddings do; it did not reach the accuracy bar, see Conv4).
-* ``dense``    DenseNet-style: stem, three dense blocks of three conv3x3-BN-ReLU layers, each
+* ``dense``    DenseNet-style: stem (2 x conv-BN-ReLU-MaxPool2, to 24x24), three dense blocks of three conv3x3-BN-ReLU layers, each
                reading ``cat`` of the block input and all earlier layer outputs (torchvision's
                and timm's layout: every layer output feeds several Concats, a fan-out inside
-               the block's segment), conv1x1 transitions with MaxPool2, GAP, linear.
-* ``inception`` Inception-style (v3 "E" blocks): stem, three blocks where one tensor feeds four
+               the block's segment) at 24, 12 and 6 pixels, each followed by a conv1x1
+               transition (and MaxPool2 but after the last), GAP, linear.
+* ``inception`` Inception-style (v3 "E" blocks): the same stem, three blocks (24, 12, 6 pixels) where one tensor feeds four
                branches (1x1; 1x1-(1x3 & 3x1); 1x1-3x3-(1x3 & 3x1); MaxPool3x3/1-1x1) joined by
                Concat, the inner 1x3 & 3x1 pairs reading one tensor (a fan-out into two
-               convs), MaxPool2 between blocks, GAP, linear.
+               convs), MaxPool2 between blocks, GAP over the last 6x6, linear.
 
 In eval mode the TorchScript ONNX exporter folds every BatchNorm into the preceding conv,
 so the exported graphs contain Conv/Relu/LeakyRelu/MaxPool/Add/Mul/Sigmoid/ReduceMean/
@@ -143,6 +144,16 @@ class Conv4(nn.Module):
         return self.fc(torch.flatten(self.pool(self.features(x)), 1))
 
 
+def _stem(widths) -> list[nn.Module]:
+    """conv3x3-BN-ReLU-MaxPool2 per width: 96x96 -> 24x24 with two widths (the plain net's start)."""
+    layers: list[nn.Module] = []
+    cin = 3
+    for w in widths:
+        layers += _cbr(cin, w) + [nn.MaxPool2d(2)]
+        cin = w
+    return layers
+
+
 class DenseBlock(nn.Module):
     """DenseNet's block as torchvision and timm write it: layer i reads ``cat(features)`` (the
     block input and every earlier layer's output) and the block returns ``cat(features)``, so
@@ -162,14 +173,15 @@ class DenseBlock(nn.Module):
 
 
 class Dense(nn.Module):
-    def __init__(self, stem: int = 16, growths=(12, 16, 24), transitions=(32, 64, 96),
+    def __init__(self, stem=(12, 24), growths=(12, 16, 24), transitions=(48, 64, 96),
                  num_classes: int = NUM_CLASSES):
         super().__init__()
-        layers: list[nn.Module] = _cbr(3, stem) + [nn.MaxPool2d(2)]                 # 48x48
-        cin = stem
+        layers = _stem(stem)                                                        # 24x24
+        cin = stem[-1]
         for growth, width in zip(growths, transitions):                            # 24, 12, 6
             block = DenseBlock(cin, growth)
-            layers += [block] + _cbr(block.cout, width, kernel=1) + [nn.MaxPool2d(2)]
+            layers += [block] + _cbr(block.cout, width, kernel=1)
+            layers += [nn.MaxPool2d(2)] if width != transitions[-1] else []
             cin = width
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -209,14 +221,14 @@ class InceptionBlock(nn.Module):
 
 
 class Inception(nn.Module):
-    def __init__(self, stem: int = 24, num_classes: int = NUM_CLASSES):
+    def __init__(self, stem=(12, 24), num_classes: int = NUM_CLASSES):
         super().__init__()
         specs = ((16, (16, 24), (8, 16), 8), (32, (32, 48), (16, 24), 24), (48, (48, 64), (16, 32), 32))
-        layers: list[nn.Module] = _cbr(3, stem) + [nn.MaxPool2d(2)]                 # 48x48
-        cin = stem
+        layers = _stem(stem)                                                        # 24x24
+        cin = stem[-1]
         for spec in specs:                                                          # 24, 12, 6
             block = InceptionBlock(cin, *spec)
-            layers += [block, nn.MaxPool2d(2)]
+            layers += [block] + ([nn.MaxPool2d(2)] if spec is not specs[-1] else [])
             cin = block.cout
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
