@@ -173,7 +173,7 @@ class DenseBlock(nn.Module):
 
 
 class Dense(nn.Module):
-    def __init__(self, stem=(12, 24), growths=(12, 16, 24), transitions=(48, 64, 96),
+    def __init__(self, stem=(8, 16), growths=(8, 12, 16), transitions=(32, 48, 64),
                  num_classes: int = NUM_CLASSES):
         super().__init__()
         layers = _stem(stem)                                                        # 24x24
@@ -221,9 +221,9 @@ class InceptionBlock(nn.Module):
 
 
 class Inception(nn.Module):
-    def __init__(self, stem=(12, 24), num_classes: int = NUM_CLASSES):
+    def __init__(self, stem=(8, 16), num_classes: int = NUM_CLASSES):
         super().__init__()
-        specs = ((16, (16, 24), (8, 16), 8), (32, (32, 48), (16, 24), 24), (48, (48, 64), (16, 32), 32))
+        specs = ((8, (8, 8), (8, 8), 8), (16, (16, 24), (8, 16), 8), (32, (32, 48), (16, 32), 24))
         layers = _stem(stem)                                                        # 24x24
         cin = stem[-1]
         for spec in specs:                                                          # 24, 12, 6
