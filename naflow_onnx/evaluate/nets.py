@@ -38,21 +38,29 @@ def _cbr(cin: int, cout: int, stride: int = 1, kernel: int = 3) -> list[nn.Modul
     return [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
 
 
-class Plain(nn.Module):
-    def __init__(self, widths=(8, 16, 32, 64), last: int = 96, num_classes: int = NUM_CLASSES):
+class GapNet(nn.Module):
+    """``features`` (the given layers), global average pool, linear: the benchmark nets' head.
+    Subclasses build their layers first, then call this (the init order fixes the weights)."""
+
+    def __init__(self, layers: list[nn.Module], cin: int, num_classes: int):
         super().__init__()
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
+class Plain(GapNet):
+    def __init__(self, widths=(8, 16, 32, 64), last: int = 96, num_classes: int = NUM_CLASSES):
         layers: list[nn.Module] = []
         cin = 3
         for w in widths:
             layers += _cbr(cin, w) + [nn.MaxPool2d(2)]
             cin = w
         layers += _cbr(cin, last)
-        self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(last, num_classes)
-
-    def forward(self, x):
-        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+        super().__init__(layers, last, num_classes)
 
 
 class ChannelGate(nn.Module):
@@ -172,10 +180,9 @@ class DenseBlock(nn.Module):
         return torch.cat(features, 1)
 
 
-class Dense(nn.Module):
+class Dense(GapNet):
     def __init__(self, stem=(8, 16), growths=(8, 12, 16), transitions=(32, 48, 64),
                  num_classes: int = NUM_CLASSES):
-        super().__init__()
         layers = _stem(stem)                                                        # 24x24
         cin = stem[-1]
         for growth, width in zip(growths, transitions):                            # 24, 12, 6
@@ -183,12 +190,7 @@ class Dense(nn.Module):
             layers += [block] + _cbr(block.cout, width, kernel=1)
             layers += [nn.MaxPool2d(2)] if width != transitions[-1] else []
             cin = width
-        self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(cin, num_classes)
-
-    def forward(self, x):
-        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+        super().__init__(layers, cin, num_classes)
 
 
 class SplitConv(nn.Module):
@@ -220,9 +222,8 @@ class InceptionBlock(nn.Module):
         return torch.cat([self.b1(x), self.b2(x), self.b3(x), self.b4(x)], dim=1)
 
 
-class Inception(nn.Module):
+class Inception(GapNet):
     def __init__(self, stem=(8, 16), num_classes: int = NUM_CLASSES):
-        super().__init__()
         specs = ((8, (8, 8), (8, 8), 8), (16, (16, 24), (8, 16), 8), (32, (32, 48), (16, 32), 24))
         layers = _stem(stem)                                                        # 24x24
         cin = stem[-1]
@@ -230,12 +231,7 @@ class Inception(nn.Module):
             block = InceptionBlock(cin, *spec)
             layers += [block] + ([nn.MaxPool2d(2)] if spec is not specs[-1] else [])
             cin = block.cout
-        self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(cin, num_classes)
-
-    def forward(self, x):
-        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+        super().__init__(layers, cin, num_classes)
 
 
 def build(arch: str, size: int = 96) -> nn.Module:
