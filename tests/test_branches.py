@@ -211,3 +211,17 @@ def test_fan_out_into_an_op_without_rule_is_refused_naming_tensor_and_nodes(work
         nf.analyze(str(path), image)
     msg = str(err.value)
     assert "cannot be linearised" in msg and "Softplus" in msg and "Conv" in msg
+
+
+@pytest.mark.parametrize("name", ["dense", "inception", "fusion"])
+def test_infinite_damping_is_gradient_times_activation(branch_flows, name):
+    """t = inf gives Δ = 0 in every rule, fan-out and fan-in included: NAFlow = gradxact."""
+    an, flow = branch_flows[name]
+    path = an.graph.path
+    image = np.random.default_rng(1).integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)
+    inf = nf.Analyzer(str(path), damp=float("inf")).analyze(image, compare="gradxact")
+    assert set(inf.maps) == set(flow.maps)
+    for t in inf.maps:
+        assert np.array_equal(inf.maps[t], inf.compare_maps[t]), t
+    # and the finite-t maps differ from it somewhere (the rules did something)
+    assert any(not np.allclose(flow.maps[t], inf.maps[t]) for t in flow.maps)

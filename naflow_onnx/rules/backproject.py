@@ -11,6 +11,7 @@ feature tensor (METHOD.md §4-§5), producing the BPFM of every tensor on the wa
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import networkx as nx
@@ -235,7 +236,7 @@ class _SegmentWalk:
         ``argmin Σ_j ‖J_j Δ − δ_j‖² + (tσ)²‖Δ‖²``, J_j reader j linearised in t at the forward
         point, δ_j = BPFM_j − f_j(t at A, its other inputs at their BPFM where known). All
         readers copies or slices (Concat, Split, ...): the average of the slices, undamped like
-        the copy rule itself."""
+        the copy rule itself (t = inf still gives Δ = 0, as everywhere)."""
         bp, seg = self.bp, self.seg
         names = ", ".join(f"'{n.name or n.op_type}'" for n in readers)
         maps, y0, target = [], [], []
@@ -259,7 +260,7 @@ class _SegmentWalk:
         J = StackedMap(maps, y0)
         rule = f"fan-out (stacked, m={len(readers)})"
         record = {"rule": rule, "nodes": [n.name for n in readers], "segment": seg.id}
-        if all(_exact_split(n) for n in readers):
+        if all(_exact_split(n) for n in readers) and not math.isinf(bp.opts.damp):
             delta = torch.cat([y.reshape(-1) for y in target]) - J.y0
             count = J.rmatvec(J.matvec(torch.ones_like(J.x0)))
             dx = torch.where(count > 0, J.rmatvec(delta) / count.clamp(min=1), torch.zeros_like(count))
