@@ -98,7 +98,7 @@ def test_save_load_round_trip(tmp_path):
 
 # ----------------------------------------------------------------------------- nets, export, training
 
-@pytest.mark.parametrize("arch", ["plain", "residual", "gated", "conv4"])
+@pytest.mark.parametrize("arch", ["plain", "residual", "gated", "conv4", "dense", "inception"])
 def test_nets_export_with_preprocess_metadata(arch):
     torch = pytest.importorskip("torch")
     onnx = pytest.importorskip("onnx")

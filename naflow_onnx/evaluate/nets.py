@@ -1,4 +1,4 @@
-"""Four small CNNs for the synthetic benchmark (plain torch, < 300k parameters each).
+"""Six small CNNs for the synthetic benchmark (plain torch, < 300k parameters each).
 
 All take ``[N, 3, 96, 96]`` float input (see train.PREPROCESS) and return ``[N, 4]`` logits.
 
@@ -11,6 +11,15 @@ All take ``[N, 3, 96, 96]`` float input (see train.PREPROCESS) and return ``[N, 
 * ``conv4``    the few-shot "Conv4" block layout: 4 x (conv3x3-BN-LeakyReLU(0.2)-MaxPool2),
                GAP, linear (``Conv4(head="flatten")`` flattens the 6x6 map instead, as the
                few-shot embeddings do; it did not reach the accuracy bar, see Conv4).
+* ``dense``    DenseNet-style: stem (2 x conv-BN-ReLU-MaxPool2, to 24x24), three dense blocks of three conv3x3-BN-ReLU layers, each
+               reading ``cat`` of the block input and all earlier layer outputs (torchvision's
+               and timm's layout: every layer output feeds several Concats, a fan-out inside
+               the block's segment) at 24, 12 and 6 pixels, each followed by a conv1x1
+               transition (and MaxPool2 but after the last), GAP, linear.
+* ``inception`` Inception-style (v3 "E" blocks): the same stem, three blocks (24, 12, 6 pixels) where one tensor feeds four
+               branches (1x1; 1x1-(1x3 & 3x1); 1x1-3x3-(1x3 & 3x1); MaxPool3x3/1-1x1) joined by
+               Concat, the inner 1x3 & 3x1 pairs reading one tensor (a fan-out into two
+               convs), MaxPool2 between blocks, GAP over the last 6x6, linear.
 
 In eval mode the TorchScript ONNX exporter folds every BatchNorm into the preceding conv,
 so the exported graphs contain Conv/Relu/LeakyRelu/MaxPool/Add/Mul/Sigmoid/ReduceMean/
@@ -21,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-ARCHS = ("plain", "residual", "gated", "conv4")
+ARCHS = ("plain", "residual", "gated", "conv4", "dense", "inception")
 NUM_CLASSES = 4
 
 
@@ -29,21 +38,29 @@ def _cbr(cin: int, cout: int, stride: int = 1, kernel: int = 3) -> list[nn.Modul
     return [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
 
 
-class Plain(nn.Module):
-    def __init__(self, widths=(8, 16, 32, 64), last: int = 96, num_classes: int = NUM_CLASSES):
+class GapNet(nn.Module):
+    """``features`` (the given layers), global average pool, linear: the benchmark nets' head.
+    Subclasses build their layers first, then call this (the init order fixes the weights)."""
+
+    def __init__(self, layers: list[nn.Module], cin: int, num_classes: int):
         super().__init__()
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
+class Plain(GapNet):
+    def __init__(self, widths=(8, 16, 32, 64), last: int = 96, num_classes: int = NUM_CLASSES):
         layers: list[nn.Module] = []
         cin = 3
         for w in widths:
             layers += _cbr(cin, w) + [nn.MaxPool2d(2)]
             cin = w
         layers += _cbr(cin, last)
-        self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(last, num_classes)
-
-    def forward(self, x):
-        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+        super().__init__(layers, last, num_classes)
 
 
 class ChannelGate(nn.Module):
@@ -135,6 +152,88 @@ class Conv4(nn.Module):
         return self.fc(torch.flatten(self.pool(self.features(x)), 1))
 
 
+def _stem(widths) -> list[nn.Module]:
+    """conv3x3-BN-ReLU-MaxPool2 per width: 96x96 -> 24x24 with two widths (the plain net's start)."""
+    layers: list[nn.Module] = []
+    cin = 3
+    for w in widths:
+        layers += _cbr(cin, w) + [nn.MaxPool2d(2)]
+        cin = w
+    return layers
+
+
+class DenseBlock(nn.Module):
+    """DenseNet's block as torchvision and timm write it: layer i reads ``cat(features)`` (the
+    block input and every earlier layer's output) and the block returns ``cat(features)``, so
+    each layer's output feeds every later Concat (a fan-out inside the segment). Layers are
+    post-activation conv3x3-BN-ReLU so that BN folds into the conv on export."""
+
+    def __init__(self, cin: int, growth: int, layers: int = 3):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Sequential(*_cbr(cin + i * growth, growth)) for i in range(layers))
+        self.cout = cin + layers * growth
+
+    def forward(self, x):
+        features = [x]
+        for layer in self.layers:
+            features.append(layer(features[0] if len(features) == 1 else torch.cat(features, 1)))
+        return torch.cat(features, 1)
+
+
+class Dense(GapNet):
+    def __init__(self, stem=(8, 16), growths=(8, 12, 16), transitions=(32, 48, 64),
+                 num_classes: int = NUM_CLASSES):
+        layers = _stem(stem)                                                        # 24x24
+        cin = stem[-1]
+        for growth, width in zip(growths, transitions):                            # 24, 12, 6
+            block = DenseBlock(cin, growth)
+            layers += [block] + _cbr(block.cout, width, kernel=1)
+            layers += [nn.MaxPool2d(2)] if width != transitions[-1] else []
+            cin = width
+        super().__init__(layers, cin, num_classes)
+
+
+class SplitConv(nn.Module):
+    """Inception-v3's expanded branch end: one tensor into a 1x3 and a 3x1 conv, concatenated."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(cin, cout, (1, 3), 1, (0, 1), bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(cin, cout, (3, 1), 1, (1, 0), bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+    def forward(self, x):
+        return torch.cat([self.a(x), self.b(x)], dim=1)
+
+
+class InceptionBlock(nn.Module):
+    """Four branches on one input, concatenated (Inception-v3's "E" block, small):
+    1x1 | 1x1-(1x3 & 3x1) | 1x1-3x3-(1x3 & 3x1) | MaxPool3x3/1-1x1. The inner (1x3 & 3x1)
+    pairs make a tensor with two conv consumers inside the segment (a fan-out)."""
+
+    def __init__(self, cin: int, b1: int, b2: tuple[int, int], b3: tuple[int, int], b4: int):
+        super().__init__()
+        self.b1 = nn.Sequential(*_cbr(cin, b1, kernel=1))
+        self.b2 = nn.Sequential(*_cbr(cin, b2[0], kernel=1), SplitConv(b2[0], b2[1] // 2))
+        self.b3 = nn.Sequential(*_cbr(cin, b3[0], kernel=1), *_cbr(b3[0], b3[1]), SplitConv(b3[1], b3[1] // 2))
+        self.b4 = nn.Sequential(nn.MaxPool2d(3, 1, 1), *_cbr(cin, b4, kernel=1))
+        self.cout = b1 + 2 * (b2[1] // 2) + 2 * (b3[1] // 2) + b4
+
+    def forward(self, x):
+        return torch.cat([self.b1(x), self.b2(x), self.b3(x), self.b4(x)], dim=1)
+
+
+class Inception(GapNet):
+    def __init__(self, stem=(8, 16), num_classes: int = NUM_CLASSES):
+        specs = ((8, (8, 8), (8, 8), 8), (16, (16, 24), (8, 16), 8), (32, (32, 48), (16, 32), 24))
+        layers = _stem(stem)                                                        # 24x24
+        cin = stem[-1]
+        for spec in specs:                                                          # 24, 12, 6
+            block = InceptionBlock(cin, *spec)
+            layers += [block] + ([nn.MaxPool2d(2)] if spec is not specs[-1] else [])
+            cin = block.cout
+        super().__init__(layers, cin, num_classes)
+
+
 def build(arch: str, size: int = 96) -> nn.Module:
     """A freshly initialised network of the named architecture (seed torch beforehand)."""
     if arch == "plain":
@@ -145,6 +244,10 @@ def build(arch: str, size: int = 96) -> nn.Module:
         return Residual(gated=True)
     if arch == "conv4":
         return Conv4(size=size)
+    if arch == "dense":
+        return Dense()
+    if arch == "inception":
+        return Inception()
     raise ValueError(f"unknown arch {arch!r}; choose one of {ARCHS}")
 
 

@@ -215,3 +215,54 @@ class SegmentMap(LinearMap):
         ref = f(*primals)
         ref = ref[i] if isinstance(ref, tuple) else ref
         return torch.zeros_like(ref)
+
+
+def node_map(mg, env: dict, node, wrt: str, output: str) -> SegmentMap:
+    """J of one node's ``output`` in its input ``wrt`` at the forward point (others fixed)."""
+    return SegmentMap(mg, env, [node.index], wrt, output)
+
+
+class StackedMap(LinearMap):
+    """One input, several outputs: ``Δ -> [J_1 Δ; ...; J_m Δ]`` (a fan-out's consumers,
+    METHOD.md §5), the outputs flattened and concatenated. ``y0`` is the stacked point the
+    caller chose (each consumer's output with its other inputs at their BPFM)."""
+
+    def __init__(self, maps: list[LinearMap], y0: list[torch.Tensor]):
+        self.maps, self.x0 = maps, maps[0].x0
+        self.shapes = [m.y0.shape for m in maps]
+        self.sizes = [m.y0.numel() for m in maps]
+        self.y0 = torch.cat([y.reshape(-1) for y in y0])
+
+    def matvec(self, v):
+        return torch.cat([m.matvec(v).reshape(-1) for m in self.maps])
+
+    def rmatvec(self, u):
+        parts = torch.split(u, self.sizes)
+        out = self.maps[0].rmatvec(parts[0].reshape(self.shapes[0]))
+        for m, p, s in zip(self.maps[1:], parts[1:], self.shapes[1:]):
+            out = out + m.rmatvec(p.reshape(s))
+        return out
+
+
+class JointMap(LinearMap):
+    """Several inputs, one output: ``[Δ_1; ...; Δ_k] -> Σ_i J_i Δ_i`` (a fan-in node, METHOD.md
+    §5), the inputs flattened and concatenated into one vector."""
+
+    def __init__(self, maps: list[LinearMap], y0: torch.Tensor):
+        self.maps, self.y0 = maps, y0
+        self.shapes = [m.x0.shape for m in maps]
+        self.sizes = [m.x0.numel() for m in maps]
+        self.x0 = torch.cat([m.x0.reshape(-1) for m in maps])
+
+    def split(self, v: torch.Tensor) -> list[torch.Tensor]:
+        return [p.reshape(s) for p, s in zip(torch.split(v, self.sizes), self.shapes)]
+
+    def matvec(self, v):
+        parts = self.split(v)
+        out = self.maps[0].matvec(parts[0])
+        for m, p in zip(self.maps[1:], parts[1:]):
+            out = out + m.matvec(p)
+        return out
+
+    def rmatvec(self, u):
+        return torch.cat([m.rmatvec(u).reshape(-1) for m in self.maps])
