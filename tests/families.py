@@ -1160,10 +1160,11 @@ def export_family(name: str, folder, keep_batchnorm: bool = False):
     return model, path
 
 
-def spatial_conv_outputs(path) -> list[str]:
+def spatial_conv_outputs(path, input_shape=None) -> list[str]:
     """The outputs of Conv nodes on the data path (reached from the image input, and reaching
     the first graph output) whose shape is 4-D with H*W > 1, from the ONNX file alone: the
-    graph walked here, the shapes from onnxruntime with every Conv output exposed (no naflow code)."""
+    graph walked here, the shapes from onnxruntime with every Conv output exposed (no naflow code),
+    on zeros of ``input_shape`` (default: the declared input shape, dynamic dims as 1)."""
     import numpy as np
     import onnx
     import onnxruntime as ort
@@ -1191,7 +1192,7 @@ def spatial_conv_outputs(path) -> list[str]:
         if t not in known:
             g.output.add(name=t)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    shape = [d.dim_value or 1 for d in source.type.tensor_type.shape.dim]
+    shape = list(input_shape or [max(d.dim_value, 1) for d in source.type.tensor_type.shape.dim])
     values = dict(zip([o.name for o in sess.get_outputs()],
                       sess.run(None, {source.name: np.zeros(shape, np.float32)})))
     return [t for t in convs if values[t].ndim == 4 and values[t].shape[2] * values[t].shape[3] > 1]
