@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -1165,7 +1166,6 @@ def spatial_conv_outputs(path, input_shape=None) -> list[str]:
     the first graph output) whose shape is 4-D with H*W > 1, from the ONNX file alone: the
     graph walked here, the shapes from onnxruntime with every Conv output exposed (no naflow code),
     on zeros of ``input_shape`` (default: the declared input shape, dynamic dims as 1)."""
-    import numpy as np
     import onnx
     import onnxruntime as ort
     model = onnx.load(str(path))
@@ -1196,3 +1196,50 @@ def spatial_conv_outputs(path, input_shape=None) -> list[str]:
     values = dict(zip([o.name for o in sess.get_outputs()],
                       sess.run(None, {source.name: np.zeros(shape, np.float32)})))
     return [t for t in convs if values[t].ndim == 4 and values[t].shape[2] * values[t].shape[3] > 1]
+
+
+def acceptance(model: nn.Module, path, analyzer, flow) -> dict:
+    """Issue 13's acceptance facts for one analysed family (``flow`` from
+    ``analyze(..., keep_tensors=True)``): spatial data-path convs and which have a map; the final
+    layer, whether it is the last layer, and its relative difference from torch's ``features(x)``
+    on the same input; parity; solver convergence of every solved layer."""
+    convs = spatial_conv_outputs(path)
+    env = flow.tensors["env"]
+    final = flow.final_layer
+    with torch.no_grad():
+        want = model.features(env[analyzer.graph.input_name].float())
+    got = env[final].float()
+    same_shape = tuple(got.shape) == tuple(want.shape)
+    unconverged = [layer.tensor for layer in flow.layers
+                   if layer.solver and not layer.solver.get("converged", True)]
+    return {
+        "convs": convs, "mapped": [t for t in convs if t in flow.maps],
+        "missing": [t for t in convs if t not in flow.maps],
+        "final": final, "final_is_last": flow.layers[-1].tensor == final,
+        "final_shape": list(got.shape), "features_shape": list(want.shape),
+        "final_error": float((got - want).norm() / want.norm()) if same_shape else None,
+        "parity": flow.parity["max_relative_error"],
+        "solved": flow.solver_summary()["solved"],
+        "unsolved": [layer.tensor for layer in flow.layers if not layer.final and layer.solver is None],
+        "unconverged": unconverged,
+        "nonfinite": [t for t, m in flow.maps.items() if not np.all(np.isfinite(m))],
+    }
+
+
+def verdict(facts: dict, min_coverage: float = 0.9, tol: float = 1e-4) -> list[str]:
+    """What fails of issue 13's "done when" for one family (empty: it passes)."""
+    bad = []
+    n, m = len(facts["convs"]), len(facts["mapped"])
+    if m < min_coverage * n:
+        bad.append(f"{m}/{n} spatial convs mapped")
+    if facts["final_error"] is None or facts["final_error"] > tol or not facts["final_is_last"]:
+        bad.append(f"final tensor {facts['final']} {facts['final_shape']} is not features(x) "
+                   f"{facts['features_shape']}")
+    if facts["parity"] > tol:
+        bad.append(f"parity {facts['parity']:.2g}")
+    if not facts["solved"] or facts["unconverged"] or facts["unsolved"]:
+        bad.append(f"solves: {facts['solved']} solved, unconverged {facts['unconverged'][:3]}, "
+                   f"without a solve {facts['unsolved'][:3]}")
+    if facts["nonfinite"]:
+        bad.append(f"non-finite maps {facts['nonfinite'][:3]}")
+    return bad
