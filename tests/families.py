@@ -874,6 +874,7 @@ class MB:
     exp: int = 1
     se: float = 0.0
     act: Callable = nn.ReLU
+    groups_pw: int = 1     # MixNet's a1.1 / p1.1: expand and project as split 1x1 convs, concatenated
 
 
 class MBBlock(nn.Module):
@@ -886,12 +887,13 @@ class MBBlock(nn.Module):
         mid = b.cin * b.exp
         mixed = b.k if isinstance(b.k, tuple) else None
         k = b.k[0] if mixed else b.k
+        pw_ks = (1,) * b.groups_pw
         self.expand = nn.Identity() if b.exp == 1 else nn.Sequential(
-            nn.Conv2d(b.cin, mid, 1, bias=False), nn.BatchNorm2d(mid, eps=eps), b.act())
+            conv_k(b.cin, mid, 1, mixed=pw_ks), nn.BatchNorm2d(mid, eps=eps), b.act())
         self.dw = nn.Sequential(conv_k(mid, mid, k, b.s, mid, same, mixed), nn.BatchNorm2d(mid, eps=eps), b.act())
         rd = max(1, int(b.cin * b.se) if b.exp > 1 else int(mid * b.se))
         self.se = SqueezeExcite(mid, rd, se_act or b.act, gate) if b.se else nn.Identity()
-        self.pw = nn.Sequential(nn.Conv2d(mid, b.cout, 1, bias=False), nn.BatchNorm2d(b.cout, eps=eps),
+        self.pw = nn.Sequential(conv_k(mid, b.cout, 1, mixed=pw_ks), nn.BatchNorm2d(b.cout, eps=eps),
                                 *([b.act()] if pw_act else []))
         self.has_skip = skip and b.s == 1 and b.cin == b.cout
 
@@ -943,11 +945,13 @@ def tf_efficientnet_lite0(size=64):
 
 
 def mixnet():
+    """mixnet_s: mixed depthwise kernels (3 to 11, split/concat), split 1x1 expand and project
+    (timm's a1.1 / p1.1), SE, ReLU early and Swish later."""
     r, w = nn.ReLU, nn.SiLU
-    return MobileNet([MB(8, 8, 3, 1, 1, 0, r), MB(8, 12, (3,), 2, 6, 0, r), MB(12, 12, 3, 1, 3, 0, r),
-                      MB(12, 16, (3, 5, 7), 2, 6, 0.5, w), MB(16, 16, (3, 5), 1, 6, 0.5, w),
-                      MB(16, 24, (3, 5, 7), 2, 6, 0.25, w), MB(24, 24, (3, 5, 7, 9), 1, 6, 0.25, w),
-                      MB(24, 32, (3, 5, 7, 9), 2, 6, 0.5, w)], act=r, head_conv=64)
+    return MobileNet([MB(8, 8, 3, 1, 1, 0, r), MB(8, 12, 3, 2, 6, 0, r, 2), MB(12, 12, 3, 1, 3, 0, r, 2),
+                      MB(12, 16, (3, 5, 7), 2, 6, 0.5, w), MB(16, 16, (3, 5), 1, 6, 0.5, w, 2),
+                      MB(16, 24, (3, 5, 7), 2, 6, 0.25, w, 2), MB(24, 24, (3, 5, 7, 9), 1, 3, 0.5, w, 2),
+                      MB(24, 32, (3, 5, 7, 9, 11), 2, 6, 0.5, w)], act=r, head_conv=64)
 
 
 def lcnet():
@@ -1237,9 +1241,12 @@ def verdict(facts: dict, min_coverage: float = 0.9, tol: float = 1e-4) -> list[s
                    f"{facts['features_shape']}")
     if facts["parity"] > tol:
         bad.append(f"parity {facts['parity']:.2g}")
-    if not facts["solved"] or facts["unconverged"] or facts["unsolved"]:
-        bad.append(f"solves: {facts['solved']} solved, unconverged {facts['unconverged'][:3]}, "
-                   f"without a solve {facts['unsolved'][:3]}")
+    if not facts["solved"]:
+        bad.append("no layer solved")
+    if facts["unconverged"]:
+        bad.append(f"{len(facts['unconverged'])} solves unconverged ({facts['unconverged'][0]}, ...)")
+    if facts["unsolved"]:
+        bad.append(f"{len(facts['unsolved'])} layers without a solve ({facts['unsolved'][0]}, ...)")
     if facts["nonfinite"]:
         bad.append(f"non-finite maps {facts['nonfinite'][:3]}")
     return bad
