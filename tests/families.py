@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -873,6 +874,7 @@ class MB:
     exp: int = 1
     se: float = 0.0
     act: Callable = nn.ReLU
+    groups_pw: int = 1     # MixNet's a1.1 / p1.1: expand and project as split 1x1 convs, concatenated
 
 
 class MBBlock(nn.Module):
@@ -885,12 +887,13 @@ class MBBlock(nn.Module):
         mid = b.cin * b.exp
         mixed = b.k if isinstance(b.k, tuple) else None
         k = b.k[0] if mixed else b.k
+        pw_ks = (1,) * b.groups_pw
         self.expand = nn.Identity() if b.exp == 1 else nn.Sequential(
-            nn.Conv2d(b.cin, mid, 1, bias=False), nn.BatchNorm2d(mid, eps=eps), b.act())
+            conv_k(b.cin, mid, 1, mixed=pw_ks), nn.BatchNorm2d(mid, eps=eps), b.act())
         self.dw = nn.Sequential(conv_k(mid, mid, k, b.s, mid, same, mixed), nn.BatchNorm2d(mid, eps=eps), b.act())
         rd = max(1, int(b.cin * b.se) if b.exp > 1 else int(mid * b.se))
         self.se = SqueezeExcite(mid, rd, se_act or b.act, gate) if b.se else nn.Identity()
-        self.pw = nn.Sequential(nn.Conv2d(mid, b.cout, 1, bias=False), nn.BatchNorm2d(b.cout, eps=eps),
+        self.pw = nn.Sequential(conv_k(mid, b.cout, 1, mixed=pw_ks), nn.BatchNorm2d(b.cout, eps=eps),
                                 *([b.act()] if pw_act else []))
         self.has_skip = skip and b.s == 1 and b.cin == b.cout
 
@@ -942,11 +945,13 @@ def tf_efficientnet_lite0(size=64):
 
 
 def mixnet():
+    """mixnet_s: mixed depthwise kernels (3 to 11, split/concat), split 1x1 expand and project
+    (timm's a1.1 / p1.1), SE, ReLU early and Swish later."""
     r, w = nn.ReLU, nn.SiLU
-    return MobileNet([MB(8, 8, 3, 1, 1, 0, r), MB(8, 12, (3,), 2, 6, 0, r), MB(12, 12, 3, 1, 3, 0, r),
-                      MB(12, 16, (3, 5, 7), 2, 6, 0.5, w), MB(16, 16, (3, 5), 1, 6, 0.5, w),
-                      MB(16, 24, (3, 5, 7), 2, 6, 0.25, w), MB(24, 24, (3, 5, 7, 9), 1, 6, 0.25, w),
-                      MB(24, 32, (3, 5, 7, 9), 2, 6, 0.5, w)], act=r, head_conv=64)
+    return MobileNet([MB(8, 8, 3, 1, 1, 0, r), MB(8, 12, 3, 2, 6, 0, r, 2), MB(12, 12, 3, 1, 3, 0, r, 2),
+                      MB(12, 16, (3, 5, 7), 2, 6, 0.5, w), MB(16, 16, (3, 5), 1, 6, 0.5, w, 2),
+                      MB(16, 24, (3, 5, 7), 2, 6, 0.25, w, 2), MB(24, 24, (3, 5, 7, 9), 1, 3, 0.5, w, 2),
+                      MB(24, 32, (3, 5, 7, 9, 11), 2, 6, 0.5, w)], act=r, head_conv=64)
 
 
 def lcnet():
@@ -1160,11 +1165,11 @@ def export_family(name: str, folder, keep_batchnorm: bool = False):
     return model, path
 
 
-def spatial_conv_outputs(path) -> list[str]:
+def spatial_conv_outputs(path, input_shape=None) -> list[str]:
     """The outputs of Conv nodes on the data path (reached from the image input, and reaching
     the first graph output) whose shape is 4-D with H*W > 1, from the ONNX file alone: the
-    graph walked here, the shapes from onnxruntime with every Conv output exposed (no naflow code)."""
-    import numpy as np
+    graph walked here, the shapes from onnxruntime with every Conv output exposed (no naflow code),
+    on zeros of ``input_shape`` (default: the declared input shape, dynamic dims as 1)."""
     import onnx
     import onnxruntime as ort
     model = onnx.load(str(path))
@@ -1191,7 +1196,57 @@ def spatial_conv_outputs(path) -> list[str]:
         if t not in known:
             g.output.add(name=t)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    shape = [d.dim_value or 1 for d in source.type.tensor_type.shape.dim]
+    shape = list(input_shape or [max(d.dim_value, 1) for d in source.type.tensor_type.shape.dim])
     values = dict(zip([o.name for o in sess.get_outputs()],
                       sess.run(None, {source.name: np.zeros(shape, np.float32)})))
     return [t for t in convs if values[t].ndim == 4 and values[t].shape[2] * values[t].shape[3] > 1]
+
+
+def acceptance(model: nn.Module, path, analyzer, flow) -> dict:
+    """Issue 13's acceptance facts for one analysed family (``flow`` from
+    ``analyze(..., keep_tensors=True)``): spatial data-path convs and which have a map; the final
+    layer, whether it is the last layer, and its relative difference from torch's ``features(x)``
+    on the same input; parity; solver convergence of every solved layer."""
+    convs = spatial_conv_outputs(path)
+    env = flow.tensors["env"]
+    final = flow.final_layer
+    with torch.no_grad():
+        want = model.features(env[analyzer.graph.input_name].float())
+    got = env[final].float()
+    same_shape = tuple(got.shape) == tuple(want.shape)
+    unconverged = [layer.tensor for layer in flow.layers
+                   if layer.solver and not layer.solver.get("converged", True)]
+    return {
+        "convs": convs, "mapped": [t for t in convs if t in flow.maps],
+        "missing": [t for t in convs if t not in flow.maps],
+        "final": final, "final_is_last": flow.layers[-1].tensor == final,
+        "final_shape": list(got.shape), "features_shape": list(want.shape),
+        "final_error": float((got - want).norm() / want.norm()) if same_shape else None,
+        "parity": flow.parity["max_relative_error"],
+        "solved": flow.solver_summary()["solved"],
+        "unsolved": [layer.tensor for layer in flow.layers if not layer.final and layer.solver is None],
+        "unconverged": unconverged,
+        "nonfinite": [t for t, m in flow.maps.items() if not np.all(np.isfinite(m))],
+    }
+
+
+def verdict(facts: dict, min_coverage: float = 0.9, tol: float = 1e-4) -> list[str]:
+    """What fails of issue 13's "done when" for one family (empty: it passes)."""
+    bad = []
+    n, m = len(facts["convs"]), len(facts["mapped"])
+    if m < min_coverage * n:
+        bad.append(f"{m}/{n} spatial convs mapped")
+    if facts["final_error"] is None or facts["final_error"] > tol or not facts["final_is_last"]:
+        bad.append(f"final tensor {facts['final']} {facts['final_shape']} is not features(x) "
+                   f"{facts['features_shape']}")
+    if facts["parity"] > tol:
+        bad.append(f"parity {facts['parity']:.2g}")
+    if not facts["solved"]:
+        bad.append("no layer solved")
+    if facts["unconverged"]:
+        bad.append(f"{len(facts['unconverged'])} solves unconverged ({facts['unconverged'][0]}, ...)")
+    if facts["unsolved"]:
+        bad.append(f"{len(facts['unsolved'])} layers without a solve ({facts['unsolved'][0]}, ...)")
+    if facts["nonfinite"]:
+        bad.append(f"non-finite maps {facts['nonfinite'][:3]}")
+    return bad
