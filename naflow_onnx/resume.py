@@ -24,6 +24,7 @@ anything else is refused before anything is touched.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -33,7 +34,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import OutputError
-from .io import MARKER as MARKER_FILE
+from .io import MARKER as OUTPUT_MARKER
 from .io import (atomic_write, check_output_dir, current_umask, make_staging_dir, replace_dir,
                  write_marker)
 
@@ -123,16 +124,18 @@ class RunState:
         the folder) until ``finish`` or ``abandon``. An existing one (an earlier run's leftover)
         must be naflow's; it is emptied unless ``resume``. One that another live run holds is
         refused: two runs never write one staging folder."""
-        while True:
+        for _ in range(5):
             if check_output_dir(self.stage) == "absent":
                 tmp = make_staging_dir(self.out, self.command)
                 fd = _locked(tmp)
                 try:
                     os.rename(tmp, self.stage)  # onto an absent path (or an empty folder)
-                except OSError:                 # another run created it meanwhile: look again
+                except OSError as exc:
                     os.close(fd)
                     shutil.rmtree(tmp, ignore_errors=True)
-                    continue
+                    if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                        raise
+                    continue                    # another run created it meanwhile: look again
                 self._lock = fd
                 return
             try:
@@ -148,11 +151,13 @@ class RunState:
             self._lock = fd
             if not self.resume:                 # an owned leftover of an earlier run: emptied
                 for entry in self.stage.iterdir():
-                    if entry.name != MARKER_FILE:
+                    if entry.name != OUTPUT_MARKER:
                         (shutil.rmtree if entry.is_dir() and not entry.is_symlink()
                          else os.unlink)(entry)
             write_marker(self.stage, self.command)
             return
+        raise OutputError(f"output folder '{self.out}': its staging folder '{self.stage}' keeps "
+                          "changing under other runs")
 
     def _unlock(self) -> None:
         if self._lock is not None:
