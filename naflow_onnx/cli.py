@@ -229,10 +229,11 @@ def _resume_keys(args, analyzer, names: list[str]) -> list[str]:
 
 def cmd_analyze(args) -> int:
     from .backends import Failure, run_tasks
-    from .io import json_safe
+    from .io import check_output_dir, json_safe
     from .resume import RunState
     check_backend_args(args)
     out = Path(args.out)
+    check_output_dir(out)                       # refused before the model is even loaded
     analyzer = analyzer_from_args(args)         # the model is validated here, once
     quiet = args.json or args.quiet
     many = len(args.images) > 1

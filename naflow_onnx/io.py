@@ -92,21 +92,15 @@ def check_output_dir(target) -> str:
                       f"marker); {_RULE}")
 
 
-def make_staging_dir(target, command: str, name: str | None = None) -> Path:
-    """A new marked folder next to ``target`` to build its content in: a fresh temporary name,
-    or ``name`` (a fixed sibling, e.g. a --resume staging folder, which must be absent, empty
-    or owned)."""
+def make_staging_dir(target, command: str) -> Path:
+    """A new marked folder with a fresh temporary name next to ``target``, to build its
+    content in."""
     target = Path(target)
     parent = _parent(target)
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        if name is None:
-            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
-            os.chmod(tmp, 0o777 & ~current_umask())        # as a plain mkdir would create it
-        else:
-            tmp = parent / name
-            check_output_dir(tmp)
-            tmp.mkdir(exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
+        os.chmod(tmp, 0o777 & ~current_umask())        # as a plain mkdir would create it
         write_marker(tmp, command)
     except OSError as exc:
         raise OutputError(f"cannot write to output folder '{target}': {exc.strerror or exc}") from None
@@ -131,12 +125,18 @@ def replace_dir(src, target) -> Path:
                     raise OutputError(f"cannot write output folder '{target}': "
                                       f"{exc.strerror or exc}") from None
                 continue                    # someone wrote it meanwhile: look again
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=_parent(target)))
+        try:
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=_parent(target)))
+        except OSError as exc:
+            raise OutputError(f"cannot write output folder '{target}': {exc.strerror or exc}") from None
         try:
             try:
                 os.rename(target, old / "previous")
             except FileNotFoundError:
                 continue                    # another run moved it away first: look again
+            except OSError as exc:
+                raise OutputError(f"cannot replace output folder '{target}': "
+                                  f"{exc.strerror or exc}") from None
             testhooks.reached("output.moved-aside")
             try:
                 os.rename(src, target)

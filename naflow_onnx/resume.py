@@ -24,6 +24,8 @@ anything else is refused before anything is touched.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -31,7 +33,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .io import current_umask, atomic_write, check_output_dir, make_staging_dir, replace_dir
+from .errors import OutputError
+from .io import MARKER as OUTPUT_MARKER
+from .io import (atomic_write, check_output_dir, current_umask, make_staging_dir, replace_dir,
+                 write_marker)
 
 MARKER = ".naflow-state.json"
 STATE_SCHEMA = "naflow-onnx/state"
@@ -59,6 +64,24 @@ def path_digest(path) -> str | None:
     return None
 
 
+def _locked(folder: Path) -> int | None:
+    """An fd of ``folder`` holding an exclusive flock, or None when another process holds it."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None
+
+
 def _link_or_copy(src, dst):
     try:
         os.link(src, dst)
@@ -80,6 +103,7 @@ class RunState:
         self.resume, self.markers = bool(resume), markers
         self.reused = 0
         self._open = False
+        self._lock = None           # the flock'ed fd of the staging folder (markers=True)
 
     def open(self) -> Path:
         if not self._open:
@@ -87,11 +111,58 @@ class RunState:
             if not self.markers:    # nothing to resume: a fresh temporary name, as atomic_dir
                 self.stage = make_staging_dir(self.out, self.command)
             else:
-                if check_output_dir(self.stage) != "absent" and not self.resume:
-                    shutil.rmtree(self.stage)       # an owned leftover of an earlier run
-                self.stage = make_staging_dir(self.out, self.command, name=self.stage.name)
+                try:
+                    self._lock_stage()
+                except OSError as exc:
+                    raise OutputError(f"cannot write to output folder '{self.out}': "
+                                      f"{exc.strerror or exc}") from None
             self._open = True
         return self.stage
+
+    def _lock_stage(self) -> None:
+        """Own the fixed-name staging folder for this run: hold an exclusive lock on it (flock on
+        the folder) until ``finish`` or ``abandon``. An existing one (an earlier run's leftover)
+        must be naflow's; it is emptied unless ``resume``. One that another live run holds is
+        refused: two runs never write one staging folder."""
+        for _ in range(5):
+            if check_output_dir(self.stage) == "absent":
+                tmp = make_staging_dir(self.out, self.command)
+                fd = _locked(tmp)
+                try:
+                    os.rename(tmp, self.stage)  # onto an absent path (or an empty folder)
+                except OSError as exc:
+                    os.close(fd)
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                        raise
+                    continue                    # another run created it meanwhile: look again
+                self._lock = fd
+                return
+            try:
+                fd = _locked(self.stage)
+            except FileNotFoundError:
+                continue                        # renamed away meanwhile: look again
+            if fd is None:
+                raise OutputError(f"output folder '{self.out}' is being written by another "
+                                  f"naflow run (its staging folder '{self.stage}' is in use)")
+            if os.fstat(fd).st_ino != _inode(self.stage):
+                os.close(fd)                    # it became OUT meanwhile: look again
+                continue
+            self._lock = fd
+            if not self.resume:                 # an owned leftover of an earlier run: emptied
+                for entry in self.stage.iterdir():
+                    if entry.name != OUTPUT_MARKER:
+                        (shutil.rmtree if entry.is_dir() and not entry.is_symlink()
+                         else os.unlink)(entry)
+            write_marker(self.stage, self.command)
+            return
+        raise OutputError(f"output folder '{self.out}': its staging folder '{self.stage}' keeps "
+                          "changing under other runs")
+
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     def lookup(self, folder: str, key: str) -> dict | None:
         """The marker of the finished entry ``folder`` (relative to OUT) with this ``key``
@@ -152,7 +223,10 @@ class RunState:
 
     def finish(self) -> Path:
         """The staging folder replaces OUT in one rename."""
-        replace_dir(self.open(), self.out)
+        try:
+            replace_dir(self.open(), self.out)
+        finally:
+            self._unlock()
         self._open = False
         return self.out
 
@@ -161,4 +235,5 @@ class RunState:
         entries (for ``--resume``), else remove it."""
         if self._open and not self.has_entries():
             shutil.rmtree(self.stage, ignore_errors=True)
+        self._unlock()
         self._open = False

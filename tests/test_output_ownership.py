@@ -75,7 +75,7 @@ FILE_COMMANDS = {       # commands writing one file (-o)
 
 def listing(folder: Path) -> dict:
     """Every path under ``folder`` with its content (files) or None (folders, links)."""
-    return {str(q.relative_to(folder)): (q.read_text() if q.is_file() and not q.is_symlink()
+    return {str(q.relative_to(folder)): (q.read_bytes() if q.is_file() and not q.is_symlink()
                                          else None) for q in sorted(folder.rglob("*"))}
 
 
@@ -134,7 +134,7 @@ def test_folder_commands_refuse_what_naflow_did_not_write(project, tmp_path, mon
     make, needle = TARGETS[target]
     out, watched = make(tmp_path)
     before = listing(watched)
-    assert USER_TEXT in before.values()
+    assert USER_TEXT.encode() in before.values()
     code = COMMANDS[command](project, out)
     assert_refused(code, capsys, needle, before, watched, out)
 
@@ -238,3 +238,33 @@ def test_two_runs_racing_end_with_one_whole_result(project, references, tmp_path
     assert codes == [0, 0]
     whole_result(out, references / "t0")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_second_run_on_a_folder_in_progress_is_refused(project, references, tmp_path, capsys):
+    """Run A over two images is held at its second image, its first already in the staging
+    folder; run B on the same --out (with or without --resume) is refused with one line and
+    leaves A's staging folder alone; A then finishes whole."""
+    out = tmp_path / "many"
+    args = ["analyze", str(project["model"]), str(project["a"]), str(project["b"]),
+            "--out", str(out), "--quiet"]
+    seen = []
+
+    def run_b(count):
+        if count == 2:
+            before = listing(tmp_path)
+            assert sorted(before) == [".many.partial", ".many.partial/.naflow-output",
+                                      ".many.partial/000_a", *(
+                                          f".many.partial/000_a/{f}" for f in
+                                          (".naflow-state.json", "flow.json", "flow.png",
+                                           "maps.npz"))]
+            capsys.readouterr()
+            for extra in ([], ["--resume"]):
+                code = cli_main(args + extra)
+                seen.append(code)
+                assert_refused(code, capsys, "is being written by another naflow run", before,
+                               tmp_path, out)
+    with testhooks.pause("analyze.image", run_b):
+        assert cli_main(args) == 0
+    assert seen == [2, 2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["many"]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "000_a", "001_b"]

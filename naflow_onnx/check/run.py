@@ -675,12 +675,11 @@ def _guard(fn, args) -> int:
 
 
 def _cmd_check(args) -> int:
-    from ..io import check_output_dir
     from ..resume import RunState
     if args.jobs < 1:
         raise NAFlowError(f"--jobs must be >= 1, got {args.jobs}")
-    check_output_dir(args.out)          # refused before any analysis, nothing touched
     state = RunState(args.out, resume=args.resume, command="check")
+    state.open()            # --out refused (or in use by another run) before any analysis
     try:
         code, report, extras = run_check(args, state)
         out = write_reports(args.out, report, extras, html_all=args.html_all, state=state)
