@@ -6,6 +6,7 @@ capture (onnxruntime) -> rebuild forward (torch) + parity -> plan -> Lambda -> B
 """
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,17 +17,18 @@ import torch
 from . import labels as labels_mod
 from . import preprocess as pp_mod
 from .capture import Capture
-from .errors import NAFlowError
+from .errors import NAFlowError, UnsupportedOpError
 from .forward import parity, run_graph
 from .graph import DEFAULT_MAX_BYTES, ModelGraph, Plan, embedding_tensor, load_model, plan
 from .importance import class_objective, importance, resolve_class, scores_of
 from .similarity import SimilarityObjective
 from .methods import METHODS, NEEDS_BPFM, layer_map, resize_map
-from .rules.backproject import backproject
+from .rules.backproject import backproject, refusals
 from .rules.solver import SolverOptions
 
 DEFAULT_DAMP = 1.0   # chosen by the evaluation benchmark (docs/method.md "Damping default")
 SCHEMA_VERSION = 1
+COVERAGE_WARN = 0.9  # warn when fewer spatial conv outputs than this share get a map
 
 
 @dataclass
@@ -61,6 +63,8 @@ class Flow:
     timings: dict
     options: dict
     skipped: dict[str, str] = field(default_factory=dict)
+    # spatial conv outputs on the data path that get a map: mapped, total, ratio, unmapped
+    coverage: dict = field(default_factory=dict)
     compare: str | None = None
     compare_maps: dict[str, np.ndarray] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
@@ -98,6 +102,7 @@ class Flow:
             "solver_summary": self.solver_summary(),
             "layers": [layer.as_dict() for layer in self.layers],
             "skipped": [{"tensor": t, "reason": r} for t, r in self.skipped.items()],
+            "coverage": self.coverage,
             **self.extra,
         }
 
@@ -189,7 +194,13 @@ class Analyzer:
     def plan_for(self, values, score: str | None = None) -> Plan:
         key = (tuple(values[self.graph.input_name].shape), score)
         if key not in self._plans:
-            self._plans[key] = plan(self.graph, values, score)
+            pl = plan(self.graph, values, score)
+            cov = pl.coverage
+            if cov.get("total") and cov["ratio"] < COVERAGE_WARN:
+                print(f"naflow: warning: only {cov['mapped']} of {cov['total']} spatial conv outputs "
+                      f"on the data path get a map (first unmapped: '{cov['unmapped'][0]}'); "
+                      "see 'coverage' in flow.json", file=sys.stderr)
+            self._plans[key] = pl
         return self._plans[key]
 
     def _need_embedding(self) -> str:
@@ -234,6 +245,12 @@ class Analyzer:
         x = self.preprocess.to_input(view)
         values, par, timings = self.forward(x)
         pl = self.plan_for(values, getattr(objective, "score_name", None))
+        chosen = _select_layers(pl.features, mg, layers)
+        if method in NEEDS_BPFM or compare in NEEDS_BPFM:
+            refused = refusals(mg, pl, set(chosen))
+            if refused:   # before any Lambda or back-projection work (issue 13)
+                raise UnsupportedOpError(f"{mg.path or 'model'}: no inverse rule on the data path "
+                                         f"for: {'; '.join(refused)}")
         scores = scores_of(values, mg.score_name).detach()
         t0 = time.perf_counter()
         target_rec = None
@@ -252,7 +269,6 @@ class Analyzer:
             target_rec = objective.record()
         timings["importance_s"] = time.perf_counter() - t0
         env = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in values.items()}
-        chosen = _select_layers(pl.features, mg, layers)
         t0 = time.perf_counter()
         bpfm, records = {}, {}
         if method in NEEDS_BPFM or compare in NEEDS_BPFM:
@@ -285,7 +301,7 @@ class Analyzer:
                      "tol": self.opts.tol, "max_iter": self.opts.max_iter,
                      "provider": self.capture.provider, "device": str(self.device),
                      "layers": layers or "all"},
-            skipped=dict(pl.skipped), compare=compare, compare_maps=compare_maps,
+            skipped=dict(pl.skipped), coverage=dict(pl.coverage), compare=compare, compare_maps=compare_maps,
             tensors={"A": {t: env[t] for t in pl.data}, "Lambda": lam, "BPFM": bpfm,
                      "plan": pl, "env": env} if keep_tensors else None)
 

@@ -107,4 +107,4 @@ def scalar(t, default=None):
 
 
 # Importing the op families fills OPS.
-from . import conv, elementwise, pooling, shape  # noqa: E402,F401
+from . import conv, elementwise, gated, norm, pooling, shape  # noqa: E402,F401

@@ -66,4 +66,4 @@ def rule_for(node: RebuiltNode) -> InverseRule:
     return r
 
 
-from . import affine, elementwise, pooling, structural  # noqa: E402,F401
+from . import affine, elementwise, norm, pooling, structural  # noqa: E402,F401

@@ -17,7 +17,7 @@ import torch
 from ..errors import UnsupportedOpError
 from ..forward import run_nodes
 from ..graph import ModelGraph, Plan, Segment
-from . import RuleContext, rule_for
+from . import RULES, RuleContext, rule_for
 from .linearize import SegmentMap
 from .solver import SolverOptions, SolveRecord, reference_mode, solve_affine
 
@@ -54,13 +54,7 @@ class BackProjection:
         self.records[plan.final] = {"rule": "final", "kind": "identity"}
         features = set(plan.features) if needed is None else set(needed)
 
-        def maps_something(seg: Segment) -> bool:
-            inner = {o for i in seg.nodes for o in self.mg.nodes[i].outputs} - {seg.output}
-            return seg.input in features or bool(inner & features)
-        # segments before the first one that holds a feature tensor (preprocessing) are not needed
-        first = next((i for i, seg in enumerate(plan.segments) if maps_something(seg)),
-                     len(plan.segments))
-        for seg in reversed(plan.segments[first:]):
+        for seg in reversed(walked(self.mg, plan, features)):
             if seg.joint:
                 self._joint(seg)
             else:
@@ -135,6 +129,37 @@ class BackProjection:
                                    **rec.as_dict()}
 
 
+def walked(mg: ModelGraph, plan: Plan, features: set[str]) -> list[Segment]:
+    """The segments the walk back inverts to reach ``features``: segments before the first one
+    that holds a feature tensor (preprocessing) are not needed."""
+    def maps_something(seg: Segment) -> bool:
+        inner = {o for i in seg.nodes for o in mg.nodes[i].outputs} - {seg.output}
+        return seg.input in features or bool(inner & features)
+    first = next((i for i, seg in enumerate(plan.segments) if maps_something(seg)),
+                 len(plan.segments))
+    return plan.segments[first:]
+
+
+def refusals(mg: ModelGraph, plan: Plan, needed: set[str] | None = None) -> list[str]:
+    """What the back-projection would refuse on this plan, found before any work is done (issue
+    13): every node it would invert that has no inverse rule, and every Mul/Div of two data
+    tensors with no frozen operand. Each entry names the op or pattern and its node."""
+    found = []
+    for seg in walked(mg, plan, set(plan.features) if needed is None else set(needed)):
+        for idx in seg.nodes:
+            node = mg.nodes[idx]
+            data = list(dict.fromkeys(plan.data_inputs(node)))
+            if seg.joint and all(t == seg.input for t in data):
+                continue   # solved by the joint inverse of its segment
+            if node.op_type not in RULES:
+                found.append(f"{node.op_type} (node '{node.name}', no inverse rule)")
+            elif (node.op_type in ("Mul", "Div") and len(data) == 2) or \
+                    (node.op_type == "Div" and data[:1] != node.inputs[:1]):
+                found.append(f"{node.op_type} of two data tensors, neither a function of the other "
+                             f"(node '{node.name}')")
+    return found
+
+
 def backproject(mg: ModelGraph, plan: Plan, env: dict, lam: dict, opts: SolverOptions,
                 progress=None, needed: set[str] | None = None
                 ) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
@@ -143,4 +168,4 @@ def backproject(mg: ModelGraph, plan: Plan, env: dict, lam: dict, opts: SolverOp
     return bp.bpfm, bp.records
 
 
-__all__ = ["backproject", "BackProjection", "segment_function", "SolveRecord"]
+__all__ = ["backproject", "refusals", "BackProjection", "segment_function", "SolveRecord"]

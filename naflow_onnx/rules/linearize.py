@@ -49,8 +49,9 @@ def _reduce_to(t: torch.Tensor, shape) -> torch.Tensor:
 
 
 def _mask(node, env, x0, y0):
-    """f'(x0) of Relu and Clip without a JVP, with torch's own convention at the kinks
-    (relu: result > 0; clamp: min <= x <= max, derivatives.yaml)."""
+    """f'(x0) of Relu and Clip without a JVP, with the rebuild's convention at the kinks
+    (relu: result > 0; Clip with both bounds is hardtanh: min < x < max; Clip with one bound is
+    clamp: x >= min or x <= max; derivatives.yaml)."""
     if node.op_type == "Relu":
         return (y0 > 0).to(x0.dtype)
     if node.op_type == "Clip":
@@ -60,6 +61,8 @@ def _mask(node, env, x0, y0):
             ins = node.inputs
             lo = scalar(env[ins[1]]) if len(ins) > 1 and ins[1] else None
             hi = scalar(env[ins[2]]) if len(ins) > 2 and ins[2] else None
+        if lo is not None and hi is not None and lo <= hi:
+            return ((x0 > lo) & (x0 < hi)).to(x0.dtype)
         keep = torch.ones_like(x0, dtype=torch.bool)
         if lo is not None:
             keep &= x0 >= lo
