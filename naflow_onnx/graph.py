@@ -339,8 +339,13 @@ def _layouts(mg: ModelGraph, data: set[str], frozen: dict[int, str],
              values: dict[str, torch.Tensor]) -> dict[str, tuple]:
     """Each data tensor's axis layout: the canonical N×C×H×W axis each of its axes holds, for
     tensors computed from a convolution's output by layout-keeping ops and Transposes (an NHWC
-    tensor between two Transposes is (0, 2, 3, 1)); absent where the layout is lost."""
+    tensor between two Transposes is (0, 2, 3, 1)); absent where the layout is lost.
+
+    A Reshape keeps the elements' row-major order: a tensor reshaped (N×C×H×W -> N×G×(C/G·H·W)
+    in torch's GroupNorm export), changed only by shape-keeping element-wise ops, and reshaped
+    back to the same shape has its layout again."""
     layout: dict[str, tuple] = {}
+    flat: dict[str, tuple] = {}   # reshaped tensor -> (layout, shape) it was reshaped from
     for n in mg.nodes:
         outs = [o for o in n.outputs if o in data]
         if not outs:
@@ -351,7 +356,16 @@ def _layouts(mg: ModelGraph, data: set[str], frozen: dict[int, str],
         new = None
         if n.op_type in _SPATIAL_OPS:
             new = _NCHW
+        elif n.op_type in ("Reshape", "Flatten") and len(ins) == 1:
+            src = (lay, tuple(values[ins[0]].shape)) if lay is not None else flat.get(ins[0])
+            if src is not None and tuple(values[outs[0]].shape) == src[1]:
+                new = src[0]           # reshaped back: the layout returns
+            elif src is not None:
+                flat[outs[0]] = src
         elif lay is None:
+            if (n.op_type in _LAYOUT_KEEPING and len(ins) == 1 and ins[0] in flat
+                    and len(outs) == 1 and values[outs[0]].shape == values[ins[0]].shape):
+                flat[outs[0]] = flat[ins[0]]
             continue
         elif n.op_type == "Transpose":
             perm = list(n.attr("perm", list(reversed(range(len(lay))))))

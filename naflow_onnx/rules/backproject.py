@@ -68,7 +68,8 @@ class BackProjection:
         data = list(dict.fromkeys(plan.data_inputs(node)))
         return RuleContext(node=node, env=self.env, data_inputs=data,
                            bpfm_out={o: self.bpfm[o] for o in node.outputs if o in self.bpfm},
-                           opts=self.opts, gate=plan.gates.get(node.index), known=known or {})
+                           opts=self.opts, gate=plan.gates.get(node.index), known=known or {},
+                           lam_out={o: self.lam[o] for o in node.outputs if o in self.lam})
 
     def _single(self, seg: Segment) -> None:
         node = self.mg.nodes[seg.nodes[0]]

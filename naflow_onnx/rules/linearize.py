@@ -4,6 +4,8 @@
 forward-mode AD of ``clamp`` costs as much as a convolution. Here each node of the segment is
 linearised once per forward point instead:
 
+- normalisation layers and self-gated activations: the diagonal with their statistics or gate
+  frozen at the forward point (``rules/norm.py``), as their decomposed forms are linearised;
 - element-wise ops with one tangent input (activations, Clip, BatchNormalization, Add/Sub/Mul/Div
   by a constant, ...): the diagonal ``f'(x0)``, taken from one JVP with a tangent of ones, so that
   the derivative convention at kinks is torch's own; J·v = d ⊙ v, Jᵀ·u = d ⊙ u;
@@ -16,7 +18,8 @@ linearised once per forward point instead:
 
 Tangents flow only through tensors that depend on the segment input; everything else is read
 from the forward activations. The result is the same linear map as autograd's Jacobian of the
-segment (tests compare both), applied at the cost of one linear pass instead of a forward pass
+segment (tests compare both; normalisation layers and self-gated activations excepted, whose
+statistics and gates are frozen by design), applied at the cost of one linear pass instead of a forward pass
 plus a tangent pass.
 """
 from __future__ import annotations
@@ -26,12 +29,15 @@ import torch.nn.functional as F
 from torch.func import jvp, vjp
 
 from ..rebuild import scalar
+from ..rebuild.gated import GATES
+from ..rebuild.norm import NORM_OPS, norm_terms
 from .affine import ConvAdjoint
 from .solver import LinearMap
 
 ELEMENTWISE = frozenset({
     "Relu", "Clip", "LeakyRelu", "PRelu", "Elu", "Selu", "Sigmoid", "HardSigmoid", "HardSwish",
-    "Tanh", "Softplus", "Exp", "Log", "Sqrt", "Neg", "Abs", "Reciprocal", "Erf",
+    "Tanh", "Softplus", "Exp", "Log", "Sqrt", "Neg", "Abs", "Reciprocal", "Erf", "Mish", "Gelu",
+    "Swish",
     "BatchNormalization", "Add", "Sub", "Mul", "Div", "Identity", "Dropout",
 })
 
@@ -113,6 +119,16 @@ class SegmentMap(LinearMap):
     @staticmethod
     def _linearise(node, env, ins, outs) -> _Step:
         op = node.op_type
+        if (op in NORM_OPS or op in GATES) and ins == [node.inputs[0]] and outs[:1] == node.outputs[:1]:
+            # frozen at the forward point like their inverse rules and their decomposed forms
+            # (statistics, gate g): the diagonal gamma/std or g(x0)
+            x0 = env[ins[0]]
+            if op in GATES:
+                d = GATES[op](node, x0)
+            else:
+                _, std, gamma, _ = norm_terms(node, [env[t] if t else None for t in node.inputs])
+                d = (gamma / std).expand_as(x0)
+            return _Step("diag", ins, outs[:1], d.detach())
         if (len(ins) == 1 and len(outs) == 1 and op in ELEMENTWISE
                 and env[outs[0]].shape == env[ins[0]].shape
                 and len([o for o in node.outputs if o]) == 1):
