@@ -149,8 +149,8 @@ def build(name: str) -> nn.Module:
 
 # (net, opset): opset 11 decomposes LayerNorm, 17 fuses it, 20 fuses GELU too
 CASES = [("convnext", 11), ("convnext", 17), ("convnext", 20), ("convnext_tanh", 17),
-         ("normsilu", 11), ("normsilu", 17), ("mish", 17), ("hswish_decomposed", 11),
-         ("hswish_fused", 17), ("dualpath", 17)]
+         ("convnext_tanh", 20), ("normsilu", 11), ("normsilu", 17), ("mish", 17),
+         ("hswish_decomposed", 11), ("hswish_fused", 11), ("hswish_fused", 17), ("dualpath", 17)]
 
 
 @pytest.fixture(scope="module")
@@ -199,6 +199,8 @@ def test_exports_write_the_forms_under_test(nets):
     assert {"Softplus", "Tanh"} <= ops["mish", 17]
     assert {"Clip", "Div"} <= ops["hswish_decomposed", 11] and "HardSwish" not in ops["hswish_decomposed", 11]
     assert "HardSwish" in ops["hswish_fused", 17]
+    assert {"HardSigmoid", "Mul"} <= ops["hswish_fused", 11] and "HardSwish" not in ops["hswish_fused", 11]
+    assert "Gelu" in ops["convnext_tanh", 20] and "Tanh" not in ops["convnext_tanh", 20]
     assert "Slice" in ops["dualpath", 17]
 
 
@@ -262,6 +264,8 @@ def _same_maps(fa, fb, least: int) -> None:
 @pytest.mark.parametrize("a,b,least", [
     (("convnext", 11), ("convnext", 17), 8),            # LayerNorm decomposed / fused
     (("convnext", 17), ("convnext", 20), 8),            # GELU Erf form / Gelu op
+    (("convnext_tanh", 17), ("convnext_tanh", 20), 8),  # GELU tanh form / Gelu op (tanh)
+    (("hswish_fused", 11), ("hswish_fused", 17), 8),    # x·HardSigmoid(x) / HardSwish
     (("hswish_decomposed", 11), ("hswish_fused", 17), 8)])  # x·Clip(x+3,0,6)/6 / HardSwish
 def test_decomposed_and_fused_give_the_same_maps(nets, a, b, least):
     _same_maps(nets[a][1], nets[b][1], least)
