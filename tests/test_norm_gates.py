@@ -441,12 +441,13 @@ def _gn_models(opset):
     return fused, decomposed
 
 
-def test_group_normalization_fused_equals_torch_export_form(small_image):
-    """GroupNormalization (opset 21; opset 18's per-group form fails onnx.checker as deprecated,
-    its rebuild is tested above) against onnxruntime (parity), every conv output mapped, and the
-    same maps as the form torch's exporter writes (Reshape, InstanceNormalization, Reshape, Mul,
-    Add), including where a dead ReLU after the norm abandons neurons."""
-    fused, decomposed = _gn_models(21)
+@pytest.mark.parametrize("opset", [18, 21])
+def test_group_normalization_fused_equals_torch_export_form(opset, small_image):
+    """GroupNormalization (opset 18: scale per group, which onnx.checker calls deprecated and
+    onnxruntime runs; 21: per channel) against onnxruntime (parity), every conv output mapped,
+    and the same maps as the form torch's exporter writes (Reshape, InstanceNormalization,
+    Reshape, Mul, Add), including where a dead ReLU after the norm abandons neurons."""
+    fused, decomposed = _gn_models(opset)
     flows = [nf.Analyzer(m, preprocess="none").analyze(small_image, keep_tensors=True)
              for m in (fused, decomposed)]
     for fl in flows:

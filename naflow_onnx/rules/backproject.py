@@ -154,10 +154,11 @@ def refusals(mg: ModelGraph, plan: Plan, needed: set[str] | None = None) -> list
                 continue   # solved by the joint inverse of its segment
             if node.op_type not in RULES:
                 found.append(f"{node.op_type} (node '{node.name}', no inverse rule)")
-            elif (node.op_type in ("Mul", "Div") and len(data) == 2) or \
-                    (node.op_type == "Div" and data[:1] != node.inputs[:1]):
+            elif node.op_type in ("Mul", "Div") and len(data) == 2:
                 found.append(f"{node.op_type} of two data tensors, neither a function of the other "
                              f"(node '{node.name}')")
+            elif node.op_type == "Div" and data[:1] != node.inputs[:1]:
+                found.append(f"Div by a data tensor (node '{node.name}')")
     return found
 
 
