@@ -438,7 +438,23 @@ def _gn_models(opset):
         helper.make_node("Add", ["mul", "bc"], ["m"])],
         [_init("ones", np.ones(g)), _init("zeros", np.zeros(g)), *shapes,
          _init("sc", scale.reshape(c, 1, 1)), _init("bc", bias.reshape(c, 1, 1))], 17)
-    return fused, decomposed
+    # fully decomposed: ReduceMean / Sub / Pow / ReduceMean / Add eps / Sqrt / Div in groups
+    elementary = _conv_model([
+        helper.make_node("Reshape", ["c1", "shp"], ["rs"]),
+        helper.make_node("ReduceMean", ["rs"], ["mu"], axes=[2], keepdims=1),
+        helper.make_node("Sub", ["rs", "mu"], ["d"]),
+        helper.make_node("Pow", ["d", "two"], ["d2"]),
+        helper.make_node("ReduceMean", ["d2"], ["var"], axes=[2], keepdims=1),
+        helper.make_node("Add", ["var", "eps"], ["ve"]),
+        helper.make_node("Sqrt", ["ve"], ["sd"]),
+        helper.make_node("Div", ["d", "sd"], ["nrm"]),
+        helper.make_node("Shape", ["c1"], ["s1"]),
+        helper.make_node("Reshape", ["nrm", "s1"], ["back"]),
+        helper.make_node("Mul", ["back", "sc"], ["mul"]),
+        helper.make_node("Add", ["mul", "bc"], ["m"])],
+        [*shapes, _init("two", 2.0), _init("eps", 1e-5),
+         _init("sc", scale.reshape(c, 1, 1)), _init("bc", bias.reshape(c, 1, 1))], 17)
+    return fused, decomposed, elementary
 
 
 @pytest.mark.parametrize("opset", [18, 21])
@@ -446,10 +462,10 @@ def test_group_normalization_fused_equals_torch_export_form(opset, small_image):
     """GroupNormalization (opset 18: scale per group, which onnx.checker calls deprecated and
     onnxruntime runs; 21: per channel) against onnxruntime (parity), every conv output mapped,
     and the same maps as the form torch's exporter writes (Reshape, InstanceNormalization,
-    Reshape, Mul, Add), including where a dead ReLU after the norm abandons neurons."""
-    fused, decomposed = _gn_models(opset)
+    Reshape, Mul, Add) and as the elementary form (ReduceMean, Sub, Pow, ReduceMean, Add, Sqrt,
+    Div in groups), including where a dead ReLU after the norm abandons neurons."""
     flows = [nf.Analyzer(m, preprocess="none").analyze(small_image, keep_tensors=True)
-             for m in (fused, decomposed)]
+             for m in _gn_models(opset)]
     for fl in flows:
         assert fl.parity["max_relative_error"] < 1e-5
         assert fl.coverage["ratio"] == 1.0
@@ -457,9 +473,11 @@ def test_group_normalization_fused_equals_torch_export_form(opset, small_image):
     assert flows[1].layer("c1").solver["rule"] == "Reshape"
     assert {"back", "mul", "m"} <= set(flows[1].maps)   # reshaped back: feature maps again
     assert bool((flows[0].tensors["Lambda"]["m"] == 0).any())
-    for t in ("c1", "m", "r", "c2", "r2"):
-        np.testing.assert_allclose(flows[0].maps[t], flows[1].maps[t], rtol=1e-4,
-                                   atol=1e-5 * float(np.abs(flows[1].maps[t]).max()))
+    assert {"back", "mul", "m"} <= set(flows[2].maps) and {"mu", "sd"} <= set(flows[2].tensors["plan"].gates.values())
+    for other in flows[1:]:
+        for t in ("c1", "m", "r", "c2", "r2"):
+            np.testing.assert_allclose(flows[0].maps[t], other.maps[t], rtol=1e-4,
+                                       atol=1e-5 * float(np.abs(other.maps[t]).max()))
 
 
 def test_fused_layer_norm_over_channels_and_mish_op(small_image):
