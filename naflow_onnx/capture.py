@@ -40,6 +40,10 @@ class Capture:
 
     def __init__(self, model: onnx.ModelProto, provider: str | None = None, threads: int = 0):
         exposed = copy.deepcopy(model)
+        for inp in exposed.graph.input:   # 0 or -1 means dynamic (graph.load_model): say so
+            for i, dim in enumerate(inp.type.tensor_type.shape.dim):
+                if dim.HasField("dim_value") and dim.dim_value <= 0:
+                    dim.dim_param = f"dynamic_{i}"
         present = {o.name for o in exposed.graph.output}
         for node in exposed.graph.node:
             for name in node.output:

@@ -14,6 +14,7 @@ evaluate do; docs/architecture.md):
 """
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,17 +25,18 @@ import torch
 from . import labels as labels_mod
 from . import preprocess as pp_mod
 from .capture import Capture
-from .errors import NAFlowError
+from .errors import NAFlowError, UnsupportedOpError
 from .forward import parity, run_graph
 from .graph import DEFAULT_MAX_BYTES, ModelGraph, Plan, embedding_tensor, load_model, plan
 from .importance import class_objective, importance, resolve_class, scores_of
 from .similarity import SimilarityObjective
 from .methods import METHODS, NEEDS_BPFM, layer_map, resize_map
-from .rules.backproject import backproject
+from .rules.backproject import backproject, refusals
 from .rules.solver import SolverOptions
 
 DEFAULT_DAMP = 1.0   # chosen by the evaluation benchmark (docs/method.md "Damping default")
 SCHEMA_VERSION = 1
+COVERAGE_WARN = 0.9  # warn when fewer spatial conv outputs than this share get a map
 
 
 @dataclass
@@ -69,6 +71,8 @@ class Flow:
     timings: dict
     options: dict
     skipped: dict[str, str] = field(default_factory=dict)
+    # spatial conv outputs on the data path that get a map: mapped, total, ratio, unmapped
+    coverage: dict = field(default_factory=dict)
     compare: str | None = None
     compare_maps: dict[str, np.ndarray] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
@@ -99,6 +103,7 @@ class Flow:
             "solver_summary": self.solver_summary(),
             "layers": [layer.as_dict() for layer in self.layers],
             "skipped": [{"tensor": t, "reason": r} for t, r in self.skipped.items()],
+            "coverage": self.coverage,
             **self.extra,
         }
 
@@ -259,7 +264,13 @@ class Analyzer:
     def plan_for(self, values, score: str | None = None) -> Plan:
         key = (tuple(values[self.graph.input_name].shape), score)
         if key not in self._plans:
-            self._plans[key] = plan(self.graph, values, score)
+            pl = plan(self.graph, values, score)
+            cov = pl.coverage
+            if cov.get("total") and cov["ratio"] < COVERAGE_WARN:
+                print(f"naflow: warning: only {cov['mapped']} of {cov['total']} spatial conv outputs "
+                      f"on the data path get a map (first unmapped: '{cov['unmapped'][0]}'); "
+                      "see 'coverage' in flow.json", file=sys.stderr)
+            self._plans[key] = pl
         return self._plans[key]
 
     def _need_embedding(self) -> str:
@@ -294,15 +305,24 @@ class Analyzer:
         return values, par, {"capture_s": t1 - t0, "rebuild_s": time.perf_counter() - t1}
 
     # ------------------------------------------------------------------ the stages of one analysis
-    def prepare(self, image, target=None, objective=None, layers: str | None = None) -> Point:
+    def prepare(self, image, target=None, objective=None, layers: str | None = None,
+                bpfm: bool = True) -> Point:
         """Stage 1: the image at the network input, the forward pass (onnxruntime capture, torch
         rebuild, parity), the plan, the target and its importance Λ of every data tensor.
-        ``objective`` (e.g. ``similarity_objective``) replaces the class ``target``."""
+        ``objective`` (e.g. ``similarity_objective``) replaces the class ``target``. With
+        ``bpfm`` (a back-projection will follow), a plan with no inverse rule for a node the
+        back-projection would invert is refused here, before any Λ work, naming every one."""
         mg = self.graph
         view, note = pp_mod.load_image(image, self.preprocess.size, self.max_image_pixels)
         x = self.preprocess.to_input(view)
         values, par, timings = self.forward(x)
         pl = self.plan_for(values, getattr(objective, "score_name", None))
+        chosen = _select_layers(pl.features, mg, layers)
+        if bpfm:
+            refused = refusals(mg, pl, set(chosen))
+            if refused:
+                raise UnsupportedOpError(f"{mg.path or 'model'}: no inverse rule on the data path "
+                                         f"for: {'; '.join(refused)}")
         scores = scores_of(values, mg.score_name).detach()
         t0 = time.perf_counter()
         target_rec = None
@@ -318,8 +338,7 @@ class Analyzer:
         return Point(image=image, view=view, note=note, input_shape=list(x.shape), env=env,
                      plan=pl, Lambda=lam, target=target_rec,
                      score_tensor=getattr(objective, "score_name", mg.score_name), parity=par,
-                     timings=timings, layers=_select_layers(pl.features, mg, layers),
-                     layer_spec=layers)
+                     timings=timings, layers=chosen, layer_spec=layers)
 
     def _class_record(self, scores: torch.Tensor, index: int) -> dict:
         def label(i):
@@ -386,8 +405,8 @@ class Analyzer:
                      "tol": self.opts.tol, "max_iter": self.opts.max_iter,
                      "provider": self.capture.provider, "device": str(self.device),
                      "layers": point.layer_spec or "all"},
-            skipped=dict(pl.skipped), compare=compare, compare_maps=compare_maps,
-            tensors=Tensors(A={t: point.env[t] for t in pl.data}, Lambda=point.Lambda,
+            skipped=dict(pl.skipped), coverage=dict(pl.coverage), compare=compare,
+            compare_maps=compare_maps, tensors=Tensors(A={t: point.env[t] for t in pl.data}, Lambda=point.Lambda,
                             BPFM=bpfm.bpfm if bpfm is not None else {}, plan=pl, env=point.env)
             if keep_tensors else None)
 
@@ -398,9 +417,11 @@ class Analyzer:
         ``compare`` needs it; a diverged solve raises), ``flow``."""
         for m in filter(None, (method, compare)):
             _check_methods(m)
-        point = self.prepare(image, target=target, objective=objective, layers=layers)
+        needs_bpfm = method in NEEDS_BPFM or compare in NEEDS_BPFM
+        point = self.prepare(image, target=target, objective=objective, layers=layers,
+                             bpfm=needs_bpfm)
         bpfm = None
-        if method in NEEDS_BPFM or compare in NEEDS_BPFM:
+        if needs_bpfm:
             bpfm = self.backproject(point, progress=progress).check()
         return self.flow(point, method, bpfm, compare=compare, keep_tensors=keep_tensors)
 

@@ -18,11 +18,12 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from . import ops
 from .errors import ModelError, UnsupportedOpError
+from . import ops
 from .rebuild import RebuiltNode, rebuild_node, unsupported_nodes
 
 DEFAULT_MAX_BYTES = 2 * 1024**3
+_NCHW = (0, 1, 2, 3)
 
 
 @dataclass
@@ -101,7 +102,10 @@ def load_model(source, max_bytes: int = DEFAULT_MAX_BYTES, output: str | None = 
         onnx.checker.check_model(model)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{where}: fails onnx.checker: {first}") from None
+        # an op version that a later opset replaced (GroupNormalization-18, whose scale is per
+        # group) is still valid ONNX that onnxruntime runs: only a deprecation is accepted
+        if not first.endswith(tuple(f"is deprecated in domain_version of {v}" for v in range(1, 100))):
+            raise ModelError(f"{where}: fails onnx.checker: {first}") from None
     try:
         model = onnx.shape_inference.infer_shapes(model)
     except Exception:
@@ -122,7 +126,9 @@ def load_model(source, max_bytes: int = DEFAULT_MAX_BYTES, output: str | None = 
                          "exactly one image input is supported")
     inp = inputs[0]
     dims = inp.type.tensor_type.shape.dim
-    input_shape = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    # -1 and 0 (Paddle's and some converters' "dynamic") and symbols are dynamic (None)
+    input_shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                   for d in dims]
     if len(input_shape) != 4:
         raise ModelError(f"{where}: input '{inp.name}' has rank {len(input_shape)}; "
                          "an image input of rank 4 (NCHW or NHWC) is needed")
@@ -235,34 +241,130 @@ class Plan:
     final: str
     segments: list[Segment]
     segment_of: dict[str, int]    # tensor -> segment id (its producing node's segment)
-    gates: dict[int, str]         # node index of a gated Mul -> its gate operand
+    gates: dict[int, str]         # node index of Mul/Div/Add/Sub -> its frozen operand
     skipped: dict[str, str] = field(default_factory=dict)  # 4-D tensors not mapped, and why
+    coverage: dict = field(default_factory=dict)  # spatial conv outputs mapped / total
 
     def data_inputs(self, node: RebuiltNode) -> list[str]:
         gate = self.gates.get(node.index)
         return [t for t in node.inputs if t in self.data and t != gate]
 
 
-def _gate_operand(mg: ModelGraph, node: RebuiltNode, data: set[str]) -> str | None:
-    """For a Mul of two data tensors, the operand that is a sigmoid gate (SE/CBAM/BAM), if any."""
-    if node.op_type != "Mul":
-        return None
-    operands = [t for t in node.inputs if t in data]
-    if len(operands) != 2:
-        return None
-    for t in operands:
-        probe = t
-        while probe in mg.producer:
-            p = mg.nodes[mg.producer[probe]]
-            if ops.is_gate_source(p):
-                return t
-            if not ops.is_gate_path(p):
+def _sigmoid_gate(mg: ModelGraph, t: str, data: set[str]) -> bool:
+    """Whether ``t`` is computed from a Sigmoid/HardSigmoid through single-data-input ops."""
+    probe = t
+    while probe in mg.producer:
+        p = mg.nodes[mg.producer[probe]]
+        if ops.is_gate_source(p):
+            return True
+        if not ops.is_gate_path(p):
+            return False
+        ins = [i for i in p.inputs if i in data]
+        if len(ins) != 1:
+            return False
+        probe = ins[0]
+    return False
+
+
+def _copies_of(mg: ModelGraph, t: str, data: set[str]) -> list[str]:
+    """``t`` and the tensors it is a scaled copy of (x, x/√2, 0.5·x: one data operand each)."""
+    out = [t]
+    while t in mg.producer:
+        p = mg.nodes[mg.producer[t]]
+        ins = list(dict.fromkeys(i for i in p.inputs if i in data))
+        if not ops.is_scaled_copy(p) or len(ins) != 1:
+            break
+        t = ins[0]
+        out.append(t)
+    return out
+
+
+def frozen_operands(mg: ModelGraph, edges: nx.DiGraph, data: set[str],
+                    values: dict[str, torch.Tensor]) -> dict[int, str]:
+    """Node index -> its frozen operand (METHOD.md §4, docs/method.md "Frozen operands").
+
+    A binary Mul/Div whose operand ``s`` depends on the image only through the other operand
+    ``x`` (``x``, or a tensor ``x`` is a scaled copy of, dominates ``s`` in the data DAG): SE, CBAM
+    and BAM gates, self-gated activations (``x·sigmoid(x)``, ``x·Clip(x+3,0,6)``, GELU, Mish),
+    normalisation denominators. ``s`` is held at its forward value; for Div only the denominator.
+    Add/Sub only when ``s`` is a broadcast statistic (fewer elements than ``x``: a decomposed
+    norm's mean), never a full-shape residual branch. A Mul by a Sigmoid gate computed from
+    elsewhere (the previous rule) stays frozen too."""
+    idom = nx.immediate_dominators(edges, mg.input_name)
+
+    def dominates(a: str, b: str) -> bool:
+        while b != mg.input_name:
+            b = idom[b]
+            if b == a:
+                return True
+        return a == mg.input_name
+
+    frozen: dict[int, str] = {}
+    for n in mg.nodes:
+        if not ops.is_freezable(n):
+            continue
+        operands = [t for t in n.inputs[:2] if t in data]
+        if len(operands) != 2 or operands[0] == operands[1] or not all(o in edges for o in operands):
+            continue
+        a, b = operands
+        pairs = [(a, b)] if n.op_type == "Div" else [(a, b), (b, a)]
+        for x, s in pairs:
+            if n.op_type in ("Add", "Sub") and values[s].numel() >= values[x].numel():
+                continue
+            if any(dominates(c, s) for c in _copies_of(mg, x, data)):
+                frozen[n.index] = s
                 break
-            ins = [i for i in p.inputs if i in data]
-            if len(ins) != 1:
-                break
-            probe = ins[0]
-    return None
+        if n.index not in frozen and n.op_type == "Mul":
+            gate = next((t for t in (a, b) if _sigmoid_gate(mg, t, data)), None)
+            if gate is not None:
+                frozen[n.index] = gate
+    return frozen
+
+
+def _layouts(mg: ModelGraph, data: set[str], frozen: dict[int, str],
+             values: dict[str, torch.Tensor]) -> dict[str, tuple]:
+    """Each data tensor's axis layout: the canonical N×C×H×W axis each of its axes holds, for
+    tensors computed from a convolution's output by layout-keeping ops and Transposes (an NHWC
+    tensor between two Transposes is (0, 2, 3, 1)); absent where the layout is lost.
+
+    A Reshape keeps the elements' row-major order: a tensor reshaped (N×C×H×W -> N×G×(C/G·H·W)
+    in torch's GroupNorm export), changed only by shape-keeping element-wise ops, and reshaped
+    back to the same shape has its layout again."""
+    layout: dict[str, tuple] = {}
+    flat: dict[str, tuple] = {}   # reshaped tensor -> (layout, shape) it was reshaped from
+    for n in mg.nodes:
+        outs = [o for o in n.outputs if o in data]
+        if not outs:
+            continue
+        ins = [t for t in n.inputs if t in data and t != frozen.get(n.index)]
+        lays = {layout.get(t) for t in ins}
+        lay = next(iter(lays)) if len(lays) == 1 else None
+        new = None
+        if ops.makes_features(n):
+            new = _NCHW
+        elif n.op_type in ("Reshape", "Flatten") and len(ins) == 1:
+            src = (lay, tuple(values[ins[0]].shape)) if lay is not None else flat.get(ins[0])
+            if src is not None and tuple(values[outs[0]].shape) == src[1]:
+                new = src[0]           # reshaped back: the layout returns
+            elif src is not None:
+                flat[outs[0]] = src
+        elif lay is None:
+            if (ops.keeps_layout(n) and len(ins) == 1 and ins[0] in flat
+                    and len(outs) == 1 and values[outs[0]].shape == values[ins[0]].shape):
+                flat[outs[0]] = flat[ins[0]]
+            continue
+        elif n.op_type == "Transpose":
+            perm = list(n.attr("perm", list(reversed(range(len(lay))))))
+            new = tuple(lay[p] for p in perm) if len(perm) == len(lay) else None
+        elif ops.keeps_layout(n):
+            new = lay
+        elif (n.op_type == "MatMul" and ins == [n.inputs[0]] and n.inputs[1] not in data
+              and values[n.inputs[1]].dim() == 2 and lay[-1] == 1):
+            new = lay   # a Linear layer over the channel axis (ConvNeXt's MLP in NHWC)
+        for o in outs:
+            if new is not None and values[o].dim() == len(new):
+                layout[o] = new
+    return layout
 
 
 def plan(mg: ModelGraph, values: dict[str, torch.Tensor], score: str | None = None) -> Plan:
@@ -274,7 +376,7 @@ def plan(mg: ModelGraph, values: dict[str, torch.Tensor], score: str | None = No
         return v is not None and v.is_floating_point()
 
     reach = {mg.input_name}
-    edges = nx.DiGraph()
+    full = nx.DiGraph()
     for n in mg.nodes:
         ins = [t for t in n.inputs if t in reach]
         if not ins:
@@ -283,25 +385,26 @@ def plan(mg: ModelGraph, values: dict[str, torch.Tensor], score: str | None = No
             if o and is_float(o):
                 reach.add(o)
                 for i in ins:
-                    edges.add_edge(i, o)
+                    full.add_edge(i, o)
     if score not in reach:
         raise ModelError(f"the score tensor '{score}' does not depend on the input image")
-    data = nx.ancestors(edges, score) | {score}
-    edges = edges.subgraph(data).copy()
+    data = nx.ancestors(full, score) | {score}
+    full = full.subgraph(data).copy()
 
-    gates = {}
-    for n in mg.nodes:
-        g = _gate_operand(mg, n, data)
-        if g is not None:
-            gates[n.index] = g
+    gates = frozen_operands(mg, full, data, values)
+    # a frozen operand's edge is left out: its branch carries no BPFM and does not join segments
+    edges = nx.DiGraph(full)
+    for idx, s in gates.items():
+        for o in mg.nodes[idx].outputs:
+            if edges.has_edge(s, o):
+                edges.remove_edge(s, o)
+    valued = nx.ancestors(edges, score) | {score}
+    edges = edges.subgraph(valued).copy()
 
-    # feature-map tensors: produced by a convolution, or by layout-keeping ops from such tensors
-    after_conv: set[str] = set()
-    for n in mg.nodes:
-        ins = [t for t in n.inputs if t in data and t != gates.get(n.index)]
-        keeps = ops.keeps_layout(n) and ins and all(t in after_conv for t in ins)
-        if ops.makes_features(n) or keeps:
-            after_conv |= {o for o in n.outputs if o in data}
+    layout = _layouts(mg, data, gates, values)
+
+    def feature_map(t: str) -> bool:
+        return layout.get(t) == _NCHW
 
     def spatial(t: str) -> bool:
         v = values[t]
@@ -313,25 +416,16 @@ def plan(mg: ModelGraph, values: dict[str, torch.Tensor], score: str | None = No
     while t != mg.input_name:
         t = idom[t]
         chain.append(t)
-    final = next((t for t in chain if t in after_conv and spatial(t)), None)
+    final = next((t for t in chain if feature_map(t) and spatial(t)), None)
     if final is None:
         raise ModelError("no 4-D feature tensor (N×C×H×W after a convolution, H·W > 1) lies on "
                          "every path from the image to the score: nothing to map")
 
     upstream = nx.ancestors(edges, final) | {final}
     sub = edges.subgraph(upstream)
-    # tensors that reach the final tensor only through a gate operand carry no BPFM
-    pruned = nx.DiGraph(sub)
-    for idx, gate in gates.items():
-        for o in mg.nodes[idx].outputs:
-            if pruned.has_edge(gate, o):
-                pruned.remove_edge(gate, o)
-    valued = (nx.ancestors(pruned, final) | {final}) if final in pruned else {final}
-
     order = {t: i for i, t in enumerate(nx.lexicographical_topological_sort(
-        sub, key=lambda t: mg.producer.get(t, -1)))}
-    artic = [final] + [t for t in chain[chain.index(final) + 1:]]
-    artic = sorted(artic, key=order.get)
+        full, key=lambda t: mg.producer.get(t, -1)))}
+    artic = sorted(chain[chain.index(final):], key=order.get)
 
     segments: list[Segment] = []
     segment_of: dict[str, int] = {}
@@ -347,20 +441,31 @@ def plan(mg: ModelGraph, values: dict[str, torch.Tensor], score: str | None = No
             segment_of[t] = seg.id
 
     features, skipped = [], {}
-    for t in sorted(upstream, key=order.get):
+    everything = nx.ancestors(full, final) | {final} | (valued - {score})
+    for t in sorted(everything, key=order.get):
         v = values[t]
         if t == mg.input_name or v.dim() != 4:
             continue
-        if t not in after_conv:
-            skipped[t] = "not a feature map (before the first convolution, or reshaped)"
+        if t not in upstream and t in valued:
+            skipped[t] = "after the final feature tensor (the head)"
+        elif t not in valued or t not in upstream:
+            skipped[t] = "frozen operand branch (gates and statistics get no BPFM, METHOD.md §4)"
+        elif not feature_map(t):
+            skipped[t] = ("permuted layout (not N×C×H×W)" if t in layout else
+                          "not a feature map (before the first convolution, or reshaped)")
         elif not spatial(t):
             skipped[t] = "spatial size 1×1"
-        elif t not in valued:
-            skipped[t] = "gate branch (attention gates get no BPFM, METHOD.md table)"
         else:
             features.append(t)
+    convs = [o for n in mg.nodes if ops.makes_features(n)
+             for o in n.outputs if o in valued and spatial(o)]
+    mapped = set(features)
+    unmapped = [t for t in convs if t not in mapped]
+    coverage = {"mapped": len(convs) - len(unmapped), "total": len(convs),
+                "ratio": (len(convs) - len(unmapped)) / len(convs) if convs else 1.0,
+                "unmapped": unmapped}
     return Plan(data=data, edges=sub, features=features, final=final, segments=segments,
-                segment_of=segment_of, gates=gates, skipped=skipped)
+                segment_of=segment_of, gates=gates, skipped=skipped, coverage=coverage)
 
 
 def metadata_json(mg: ModelGraph, key: str):

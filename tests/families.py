@@ -1208,7 +1208,7 @@ def acceptance(model: nn.Module, path, analyzer, flow) -> dict:
     layer, whether it is the last layer, and its relative difference from torch's ``features(x)``
     on the same input; parity; solver convergence of every solved layer."""
     convs = spatial_conv_outputs(path)
-    env = flow.tensors["env"]
+    env = flow.tensors.env
     final = flow.final_layer
     with torch.no_grad():
         want = model.features(env[analyzer.graph.input_name].float())

@@ -63,7 +63,7 @@ def test_rule_round_trip(rec, s):
     A = {k: draw(shape) for k, shape in s.shapes.items()}          # the forward point
     truth = {k: draw(shape) for k, shape in s.shapes.items()}      # the x the target comes from
     env = {**consts, **A}
-    if s.check == "frozen":
+    if s.check in ("frozen", "point"):
         y = {o: torch.randn(v.shape, generator=g) for o, v in run(node, env).items()}
     else:
         y = run(node, {**env, **(A if s.check == "selection" else truth)})
@@ -77,9 +77,19 @@ def test_rule_round_trip(rec, s):
         (x,), (o,) = unknown, s.outputs
         gate = torch.where(A[x] != 0, run(node, env)[o] / A[x], torch.zeros_like(A[x]))
         live = gate != 0
-        assert live.any() and not live.all()
+        assert live.any()   # a sample whose gate reaches 0 (HardSwish) also checks abandonment
         assert close((gate * cands[x])[live], y[o][live], s.tol)
         assert torch.all(cands[x][~live] == 0)
+        return
+    if s.check == "point":
+        # statistics frozen at the forward point A (a normalisation layer): the rule inverts the
+        # affine map y = J (x - A) + forward(A), J the frozen diagonal the linearisation uses
+        (x,), (o,) = unknown, s.outputs
+        y0 = run(node, env)[o]
+        back, _ = invert(node, env, {o: y0}, data=[x])
+        assert close(back[x], A[x], s.tol)                          # inverse(forward(A)) == A
+        diag = ops.rule_for(node).frozen_diagonal(node, env)
+        assert close(diag * (cands[x] - A[x]), y[o] - y0, s.tol)   # J·(inverse(y) - A) == y - y0
         return
     if s.check == "injective":
         for k in unknown:

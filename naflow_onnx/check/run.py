@@ -157,7 +157,7 @@ class CheckTask:
 
 CACHE_DIR = ".naflow-cache"
 _FLOW_KEYS = ("model", "input", "preprocess", "target", "method", "compare", "options", "parity",
-              "timings", "layers", "skipped")
+              "timings", "layers", "skipped", "coverage")
 _DERIVED_KEYS = ("schema", "schema_version", "final_layer", "solver_summary")
 
 
@@ -202,7 +202,7 @@ def flow_from_files(folder: Path):
                 image=np.load(folder / "image.npy", allow_pickle=False), parity=j["parity"],
                 timings=j["timings"], options=j["options"],
                 skipped={r["tensor"]: r["reason"] for r in j.get("skipped", [])},
-                compare=j.get("compare"), compare_maps=npz("compare_maps.npz"),
+                coverage=j.get("coverage", {}), compare=j.get("compare"), compare_maps=npz("compare_maps.npz"),
                 extra={k: v for k, v in j.items() if k not in _FLOW_KEYS + _DERIVED_KEYS})
 
 

@@ -53,7 +53,9 @@ class Sample:
     of a random x'), ``"selection"`` (a max: positive data A, y = forward(A);
     forward(inverse(y)) == y and inverse(y) is 0 off the selected positions) or ``"frozen"`` (a
     self-gated activation: the gate g(A) = forward(A)/A is frozen at the forward point A, so
-    g(A)·inverse(y) == y for any y, and inverse(y) == 0 where g(A) = 0)."""
+    g(A)·inverse(y) == y for any y, and inverse(y) == 0 where g(A) = 0) or ``"point"``
+    (statistics frozen at A, a normalisation layer: inverse(forward(A)) == A, and
+    J·(inverse(y) − A) == y − forward(A) with J the rule's ``frozen_diagonal``)."""
 
     shapes: dict[str, tuple[int, ...]]
     consts: Callable | None = None               # torch.Generator -> {name: tensor}
@@ -88,6 +90,10 @@ class OpRecord:
     gate_path: bool = False                      # a gate may pass through it to the Mul it scales
     probability: bool = False                    # the target score is read under it (METHOD.md §2)
     shape_only: bool = False                     # the output is its input's values, reshaped
+    scaled_copy: bool = False                    # with one data operand (the others constant): an
+                                                 # element-wise affine copy of it (x/√2 in a GELU)
+    freezable: bool = False                      # binary arithmetic that may hold one operand at its
+                                                 # forward value (graph.frozen_operands)
     note: str = ""                               # README detail, e.g. "(constant weight)"
     samples: Callable[[], list[Sample]] | None = None
 
@@ -157,6 +163,8 @@ def _trait(name: str) -> Callable[..., bool]:
 
 is_elementwise = _trait("elementwise")
 is_join = _trait("join")
+is_scaled_copy = _trait("scaled_copy")
+is_freezable = _trait("freezable")
 is_gate_source = _trait("gate_source")
 is_gate_path = _trait("gate_path")
 is_probability = _trait("probability")

@@ -11,14 +11,18 @@ from ..rebuild import elementwise as ew
 from ..rebuild import pooling as pl
 from ..rebuild import shape as sh
 from ..rules.affine import AffineRule
-from ..rules.elementwise import (ArithmeticRule, BatchNormRule, HardSwishRule, LeakyReluRule,
-                                 PassThroughRule, SquashRule, VariadicRule)
+from ..rebuild import gated as gt
+from ..rebuild import norm as nm
+from ..rules.elementwise import (ArithmeticRule, BatchNormRule, LeakyReluRule, PassThroughRule,
+                                 SquashRule, VariadicRule)
+from ..rules.norm import NormRule, SelfGatedRule
 from ..rules.pooling import MaxPoolRule
 from ..rules.structural import StructuralRule
 from . import FEATURE, LAYOUT, Sample, register
 
 AFFINE, BATCH_NORM, PASS, PIECEWISE = AffineRule(), BatchNormRule(), PassThroughRule(), LeakyReluRule()
-SQUASH, SELF_GATE, ARITHMETIC, VARIADIC = SquashRule(), HardSwishRule(), ArithmeticRule(), VariadicRule()
+SQUASH, SELF_GATE, ARITHMETIC, VARIADIC = SquashRule(), SelfGatedRule(), ArithmeticRule(), VariadicRule()
+NORM = NormRule()
 SELECT, STRUCTURAL = MaxPoolRule(), StructuralRule()
 
 X4 = {"x": (1, 3, 6, 6)}           # the usual data input of a sample: N×C×H×W
@@ -120,8 +124,33 @@ register("HardSigmoid", ew.hard_sigmoid, rule=SQUASH, role=LAYOUT, elementwise=T
          gate_source=True, samples=lambda: [Sample(X4, check="range")])
 register("Softplus", ew.unary(F.softplus), rule=SQUASH, role=LAYOUT, elementwise=True,
          samples=lambda: [Sample(X4)])
-register("HardSwish", ew.unary(F.hardswish), rule=SELF_GATE, role=LAYOUT, elementwise=True,
+register("HardSwish", gt.hard_swish, rule=SELF_GATE, role=LAYOUT, elementwise=True,
          samples=lambda: [Sample(X4, check="frozen", scale=3.0)])  # both sides of ±3
+register("Mish", gt.mish, rule=SELF_GATE, role=LAYOUT, elementwise=True, since=18,
+         samples=lambda: [Sample(X4, check="frozen", scale=3.0, opset=18)])
+register("Gelu", gt.gelu, rule=SELF_GATE, role=LAYOUT, elementwise=True, since=20,
+         samples=lambda: [Sample(X4, check="frozen", scale=3.0, opset=20),
+                          Sample(X4, check="frozen", scale=3.0, opset=20,
+                                 attrs={"approximate": "tanh"}, label="tanh")])
+register("Swish", gt.swish, rule=SELF_GATE, role=LAYOUT, elementwise=True, since=24,
+         samples=lambda: [Sample(X4, check="frozen", scale=3.0, opset=24, attrs={"alpha": 1.5})])
+
+# normalisation layers: statistics frozen at the forward point (METHOD.md §4)
+register("LayerNormalization", nm.normalization, rule=NORM, role=LAYOUT, since=17,
+         weight_inputs=(1, 2), samples=lambda: [
+    Sample(X4, _consts(s=lambda g: torch.rand(6, generator=g) + 0.5, b=_randn(6)),
+           attrs={"axis": -1, "epsilon": 1e-5}, tol=1e-4, check="point", label="last axis"),
+    Sample(X4, _consts(s=lambda g: torch.rand(3, 6, 6, generator=g) + 0.5, b=_randn(3, 6, 6)),
+           attrs={"axis": 1, "epsilon": 1e-5}, tol=1e-4, check="point", label="C, H, W")])
+register("GroupNormalization", nm.normalization, rule=NORM, role=LAYOUT, since=18,
+         weight_inputs=(1, 2), samples=lambda: [
+    Sample({"x": (1, 4, 5, 5)}, _consts(s=lambda g: torch.rand(2, generator=g) + 0.5,
+                                        b=_randn(2)),
+           attrs={"num_groups": 2, "epsilon": 1e-5}, opset=18, tol=1e-4, check="point")])
+register("InstanceNormalization", nm.normalization, rule=NORM, role=LAYOUT, since=6,
+         weight_inputs=(1, 2), samples=lambda: [
+    Sample(X4, _consts(s=lambda g: torch.rand(3, generator=g) + 0.5, b=_randn(3)),
+           attrs={"epsilon": 1e-5}, tol=1e-4, check="point")])
 
 
 def _arithmetic_samples(op: str) -> list[Sample]:
@@ -141,8 +170,10 @@ def _arithmetic_samples(op: str) -> list[Sample]:
 
 for _op, _fn in {"Add": torch.add, "Sub": torch.sub, "Mul": torch.mul}.items():
     register(_op, ew.binary(_fn), rule=ARITHMETIC, role=LAYOUT, elementwise=True,
-             join=_op != "Mul", gate_path=True, samples=lambda _op=_op: _arithmetic_samples(_op))
+             join=_op != "Mul", gate_path=True, scaled_copy=True, freezable=True,
+             samples=lambda _op=_op: _arithmetic_samples(_op))
 register("Div", ew.div, rule=ARITHMETIC, role=LAYOUT, elementwise=True, gate_path=True,
+         scaled_copy=True, freezable=True,
          samples=lambda: [Sample(X4, _consts(c=lambda g: torch.rand(1, 3, 1, 1, generator=g) + 0.5))])
 
 # ------------------------------------------------------------------------------------------------
@@ -166,11 +197,11 @@ register("MaxPool", pl.max_pool, rule=SELECT, role=LAYOUT, note="(ceil_mode, pad
 register("GlobalMaxPool", pl.global_max_pool, rule=SELECT,
          samples=lambda: [Sample(X4, check="selection")])
 register("Identity", ew.identity, rule=STRUCTURAL, role=LAYOUT, elementwise=True,
-         gate_path=True, shape_only=True, samples=lambda: [Sample(X4)])
+         gate_path=True, shape_only=True, scaled_copy=True, samples=lambda: [Sample(X4)])
 register("Dropout", ew.identity, rule=STRUCTURAL, role=LAYOUT, elementwise=True,
-         shape_only=True, samples=lambda: [Sample(X4)])
+         shape_only=True, scaled_copy=True, samples=lambda: [Sample(X4)])
 register("Cast", sh.cast, rule=STRUCTURAL, role=LAYOUT, gate_path=True, shape_only=True,
-         samples=lambda: [Sample(X4, attrs={"to": 1})])
+         scaled_copy=True, samples=lambda: [Sample(X4, attrs={"to": 1})])
 register("Reshape", sh.reshape, rule=STRUCTURAL, gate_path=True, shape_only=True,
          samples=lambda: [Sample(X4, _consts(shape=_int64(1, 3, 36)))])
 register("Flatten", sh.flatten, rule=STRUCTURAL, gate_path=True, shape_only=True,
@@ -187,7 +218,7 @@ register("Concat", sh.concat, rule=STRUCTURAL, role=LAYOUT, samples=lambda: [
            label="with a constant")])
 register("Split", sh.split, rule=STRUCTURAL, role=LAYOUT, samples=lambda: [
     Sample(X4, _consts(split=_int64(1, 2)), attrs={"axis": 1}, outputs=("y", "z"))])
-register("Slice", sh.slice_, rule=STRUCTURAL, samples=lambda: [
+register("Slice", sh.slice_, rule=STRUCTURAL, role=LAYOUT, samples=lambda: [
     Sample(X4, _consts(s=_int64(1, 0), e=_int64(5, 3), a=_int64(2, 1)), check="range"),
     Sample(X4, _consts(s=_int64(-1), e=_int64(-100), a=_int64(3), st=_int64(-2)), check="range",
            label="negative step")])

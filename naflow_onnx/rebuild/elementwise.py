@@ -41,6 +41,10 @@ def clip(node, inputs):
     else:
         lo = scalar(inputs[1]) if len(inputs) > 1 else None
         hi = scalar(inputs[2]) if len(inputs) > 2 else None
+    if lo is not None and hi is not None and x.is_floating_point() and lo <= hi:
+        # both bounds: what ReLU6/hardtanh export to. Its gradient is PyTorch's hardtanh's,
+        # strictly inside (min, max) (clamp would pass it at the bounds too): METHOD.md §4
+        return F.hardtanh(x, float(lo), float(hi))
     return torch.clamp(x, lo, hi)
 
 

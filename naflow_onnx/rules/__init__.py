@@ -25,6 +25,9 @@ class RuleContext:
     opts: SolverOptions
     gate: str | None = None             # gate operand of a gated Mul
     known: dict[str, torch.Tensor] = field(default_factory=dict)  # inputs already solved
+    # Lambda of the node's outputs: a layer with an affine tail (a norm's gamma, beta) abandons
+    # its implicit normalised tensor where Lambda_out = 0, as its decomposed form does
+    lam_out: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def output(self) -> str:
         return next(o for o in self.node.outputs if o in self.bpfm_out)

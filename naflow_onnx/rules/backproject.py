@@ -20,7 +20,7 @@ import torch
 from ..errors import UnsupportedOpError
 from ..forward import run_nodes
 from ..graph import ModelGraph, Plan, Segment
-from ..ops import is_join, rule_for
+from ..ops import is_join, record, rule_for
 from . import RuleContext
 from .affine import AffineRule
 from .elementwise import ArithmeticRule, BatchNormRule
@@ -61,13 +61,7 @@ class BackProjection:
         self.records[plan.final] = {"rule": "final", "kind": "identity"}
         features = set(plan.features) if needed is None else set(needed)
 
-        def maps_something(seg: Segment) -> bool:
-            inner = {o for i in seg.nodes for o in self.mg.nodes[i].outputs} - {seg.output}
-            return seg.input in features or bool(inner & features)
-        # segments before the first one that holds a feature tensor (preprocessing) are not needed
-        first = next((i for i, seg in enumerate(plan.segments) if maps_something(seg)),
-                     len(plan.segments))
-        for seg in reversed(plan.segments[first:]):
+        for seg in reversed(walked(self.mg, plan, features)):
             if seg.joint:
                 self._joint(seg)
             else:
@@ -81,7 +75,8 @@ class BackProjection:
         data = list(dict.fromkeys(plan.data_inputs(node)))
         return RuleContext(node=node, env=self.env, data_inputs=data,
                            bpfm_out={o: self.bpfm[o] for o in node.outputs if o in self.bpfm},
-                           opts=self.opts, gate=plan.gates.get(node.index), known=known or {})
+                           opts=self.opts, gate=plan.gates.get(node.index), known=known or {},
+                           lam_out={o: self.lam[o] for o in node.outputs if o in self.lam})
 
     def _single(self, seg: Segment) -> None:
         node = self.mg.nodes[seg.nodes[0]]
@@ -294,6 +289,37 @@ def _run_with(node, env: dict, held: dict, output: str) -> torch.Tensor:
     return node.run(args)[node.outputs.index(output)].detach()
 
 
+def walked(mg: ModelGraph, plan: Plan, features: set[str]) -> list[Segment]:
+    """The segments the walk back inverts to reach ``features``: segments before the first one
+    that holds a feature tensor (preprocessing) are not needed."""
+    def maps_something(seg: Segment) -> bool:
+        inner = {o for i in seg.nodes for o in mg.nodes[i].outputs} - {seg.output}
+        return seg.input in features or bool(inner & features)
+    first = next((i for i, seg in enumerate(plan.segments) if maps_something(seg)),
+                 len(plan.segments))
+    return plan.segments[first:]
+
+
+def refusals(mg: ModelGraph, plan: Plan, needed: set[str] | None = None) -> list[str]:
+    """What the back-projection would refuse on this plan, found before any work is done (issue
+    13): every node it would invert that has no inverse rule, and every Div by a data tensor
+    that is not a frozen operand. Each entry names the op or pattern and its node. (Mul/Add/Sub
+    of two data tensors is a fan-in, METHOD.md §5.)"""
+    found = []
+    for seg in walked(mg, plan, set(plan.features) if needed is None else set(needed)):
+        for idx in seg.nodes:
+            node = mg.nodes[idx]
+            data = list(dict.fromkeys(plan.data_inputs(node)))
+            if seg.joint and all(t == seg.input for t in data):
+                continue   # solved by the joint inverse of its segment
+            rec = record(node)
+            if rec is None or rec.rule is None:
+                found.append(f"{node.op_type} (node '{node.name}', no inverse rule)")
+            elif node.op_type == "Div" and node.inputs[1] in data:
+                found.append(f"Div by a data tensor (node '{node.name}')")
+    return found
+
+
 def backproject(mg: ModelGraph, plan: Plan, env: dict, lam: dict, opts: SolverOptions,
                 progress=None, needed: set[str] | None = None
                 ) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
@@ -302,4 +328,4 @@ def backproject(mg: ModelGraph, plan: Plan, env: dict, lam: dict, opts: SolverOp
     return bp.bpfm, bp.records
 
 
-__all__ = ["backproject", "BackProjection", "segment_function", "SolveRecord"]
+__all__ = ["backproject", "refusals", "walked", "BackProjection", "segment_function", "SolveRecord"]

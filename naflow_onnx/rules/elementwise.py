@@ -14,7 +14,7 @@ def _exact() -> SolveRecord:
     return SolveRecord(kind="exact")
 
 
-def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+def safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     """num / den, 0 where den == 0 (a zero scale or gate abandons the neuron)."""
     den = den.expand_as(num) if den.shape != num.shape else den
     return torch.where(den != 0, num / torch.where(den != 0, den, torch.ones_like(den)),
@@ -32,7 +32,7 @@ class BatchNormRule(InverseRule):
         shape = [1, -1] + [1] * (env[x].dim() - 2)
         s = (scale / torch.sqrt(var + eps)).reshape(shape)
         y = ctx.bpfm_out[ctx.output()]
-        x_hat = _safe_div(y - bias.reshape(shape), s) + mean.reshape(shape)
+        x_hat = safe_div(y - bias.reshape(shape), s) + mean.reshape(shape)
         x_hat = torch.where(s.expand_as(x_hat) != 0, x_hat, torch.zeros_like(x_hat))
         return {x: x_hat}, _exact()
 
@@ -64,7 +64,7 @@ class LeakyReluRule(InverseRule):
             alpha, gamma = float(node.attr("alpha", SELU_ALPHA)), float(node.attr("gamma", SELU_GAMMA))
             neg = torch.log1p(torch.clamp(y / (gamma * alpha), min=-1 + 1e-7))
             return {node.inputs[0]: torch.where(y >= 0, y / gamma, neg)}, _exact()
-        return {node.inputs[0]: torch.where(y >= 0, y, _safe_div(y, slope * torch.ones_like(y)))}, _exact()
+        return {node.inputs[0]: torch.where(y >= 0, y, safe_div(y, slope * torch.ones_like(y)))}, _exact()
 
 
 class SquashRule(InverseRule):
@@ -87,23 +87,16 @@ class SquashRule(InverseRule):
         return {node.inputs[0]: x}, _exact()
 
 
-class HardSwishRule(InverseRule):
-    """HardSwish = x * hardsigmoid(x): the gate frozen at its forward value, x_hat = y / gate."""
-    summary = "self-gated activation: the gate frozen at its forward value, x_hat = BPFM_out / gate"
-
-    def invert(self, ctx):
-        x = ctx.node.inputs[0]
-        gate = torch.clamp(ctx.env[x] / 6 + 0.5, 0, 1)
-        return {x: _safe_div(ctx.bpfm_out[ctx.output()], gate)}, _exact()
-
-
 class ArithmeticRule(InverseRule):
     """Add/Sub/Mul/Div. With one data operand (the other constant): exact inverse. Add/Sub of two
     data operands (a residual join): the operand not in ``ctx.known`` is ``BPFM_out - known``
-    (METHOD.md §5). Mul with a gate operand: the gate is frozen, x_hat = BPFM_out / gate."""
-    summary = ("arithmetic: exact with a constant operand; Mul by a Sigmoid/HardSigmoid gate (SE, "
-               "CBAM, BAM) freezes the gate, whose branch gets no BPFM; Add/Sub of two data "
-               "tensors is a residual join (METHOD.md §5)")
+    (METHOD.md §5). With a frozen operand (``ctx.gate``: a sigmoid gate, the g of a self-gated
+    activation, a normalisation statistic; ``graph.frozen_operands``) it is held at its forward
+    value like a constant: x_hat = BPFM_out / gate, and so on."""
+    summary = ("arithmetic: exact with a constant operand; a frozen operand (a Sigmoid/HardSigmoid "
+               "gate of SE, CBAM, BAM; the g of a decomposed self-gated activation; a normalisation "
+               "statistic) is held at its forward value and its branch gets no BPFM; Add/Sub of two "
+               "data tensors is a residual join (METHOD.md §5)")
 
     def invert(self, ctx):
         node, env = ctx.node, ctx.env
@@ -112,7 +105,7 @@ class ArithmeticRule(InverseRule):
         op = node.op_type
         if ctx.gate is not None:
             x = a if b == ctx.gate else b
-            return {x: _safe_div(y, env[ctx.gate])}, _exact()
+            return {x: self._with_constant(node, x, a, env[ctx.gate], env[x], y)}, _exact()
         if len(ctx.data_inputs) == 2:
             if op not in ("Add", "Sub"):
                 raise UnsupportedOpError(f"{node.where()}: {op} of two data tensors (neither a "
@@ -127,21 +120,25 @@ class ArithmeticRule(InverseRule):
         if len(ctx.data_inputs) == 1 and a == b:
             raise UnsupportedOpError(f"{node.where()}: {op} of a tensor with itself has no inverse rule")
         x = ctx.data_inputs[0]
-        c = env[b] if x == a else env[a]
-        if env[x].shape != y.shape:
+        return {x: self._with_constant(node, x, a, env[b] if x == a else env[a], env[x], y)}, _exact()
+
+    @staticmethod
+    def _with_constant(node, x: str, a: str, c: torch.Tensor, x0: torch.Tensor,
+                       y: torch.Tensor) -> torch.Tensor:
+        """The exact inverse of ``y = x op c`` (or ``c op x``) for x, c held fixed."""
+        op = node.op_type
+        if x0.shape != y.shape:
             raise UnsupportedOpError(f"{node.where()}: {op} broadcasts its data operand "
-                                     f"{tuple(env[x].shape)} to {tuple(y.shape)}: no inverse rule")
+                                     f"{tuple(x0.shape)} to {tuple(y.shape)}: no inverse rule")
         if op == "Add":
-            x_hat = y - c
-        elif op == "Sub":
-            x_hat = y + c if x == a else c - y
-        elif op == "Mul":
-            x_hat = _safe_div(y, c)
-        elif x == a:  # Div: y = x / c
-            x_hat = y * c
-        else:
-            raise UnsupportedOpError(f"{node.where()}: division by a data tensor has no inverse rule")
-        return {x: x_hat}, _exact()
+            return y - c
+        if op == "Sub":
+            return y + c if x == a else c - y
+        if op == "Mul":
+            return safe_div(y, c)
+        if x == a:  # Div: y = x / c
+            return y * c
+        raise UnsupportedOpError(f"{node.where()}: division by a data tensor has no inverse rule")
 
 
 class VariadicRule(InverseRule):

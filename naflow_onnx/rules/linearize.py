@@ -4,6 +4,8 @@
 forward-mode AD of ``clamp`` costs as much as a convolution. Here each node of the segment is
 linearised once per forward point instead:
 
+- normalisation layers and self-gated activations: the diagonal with their statistics or gate
+  frozen at the forward point (``rules/norm.py``), as their decomposed forms are linearised;
 - element-wise ops with one tangent input (activations, Clip, BatchNormalization, Add/Sub/Mul/Div
   by a constant, ...): the diagonal ``f'(x0)``, taken from one JVP with a tangent of ones, so that
   the derivative convention at kinks is torch's own; J·v = d ⊙ v, Jᵀ·u = d ⊙ u;
@@ -16,7 +18,8 @@ linearised once per forward point instead:
 
 Tangents flow only through tensors that depend on the segment input; everything else is read
 from the forward activations. The result is the same linear map as autograd's Jacobian of the
-segment (tests compare both), applied at the cost of one linear pass instead of a forward pass
+segment (tests compare both; normalisation layers and self-gated activations excepted, whose
+statistics and gates are frozen by design), applied at the cost of one linear pass instead of a forward pass
 plus a tangent pass.
 """
 from __future__ import annotations
@@ -45,8 +48,9 @@ def _reduce_to(t: torch.Tensor, shape) -> torch.Tensor:
 
 
 def _mask(node, env, x0, y0):
-    """f'(x0) of Relu and Clip without a JVP, with torch's own convention at the kinks
-    (relu: result > 0; clamp: min <= x <= max, derivatives.yaml)."""
+    """f'(x0) of Relu and Clip without a JVP, with the rebuild's convention at the kinks
+    (relu: result > 0; Clip with both bounds is hardtanh: min < x < max; Clip with one bound is
+    clamp: x >= min or x <= max; derivatives.yaml)."""
     if node.op_type == "Relu":
         return (y0 > 0).to(x0.dtype)
     if node.op_type == "Clip":
@@ -56,6 +60,8 @@ def _mask(node, env, x0, y0):
             ins = node.inputs
             lo = scalar(env[ins[1]]) if len(ins) > 1 and ins[1] else None
             hi = scalar(env[ins[2]]) if len(ins) > 2 and ins[2] else None
+        if lo is not None and hi is not None and lo <= hi:
+            return ((x0 > lo) & (x0 < hi)).to(x0.dtype)
         keep = torch.ones_like(x0, dtype=torch.bool)
         if lo is not None:
             keep &= x0 >= lo
@@ -106,6 +112,12 @@ class SegmentMap(LinearMap):
     @staticmethod
     def _linearise(node, env, ins, outs) -> _Step:
         op = node.op_type
+        rec = ops.record(node)
+        frozen = getattr(rec.rule, "frozen_diagonal", None) if rec is not None else None
+        if frozen is not None and ins == [node.inputs[0]] and outs[:1] == node.outputs[:1]:
+            # normalisation layers and self-gated activations: frozen at the forward point like
+            # their inverse rules and their decomposed forms (statistics, gate g)
+            return _Step("diag", ins, outs[:1], frozen(node, env).detach())
         if (len(ins) == 1 and len(outs) == 1 and ops.is_elementwise(node)
                 and env[outs[0]].shape == env[ins[0]].shape
                 and len([o for o in node.outputs if o]) == 1):
