@@ -63,12 +63,12 @@ def write_marker(folder, command: str) -> None:
     (Path(folder) / MARKER).write_text(json.dumps(rec, indent=1) + "\n")
 
 
-def _refuse_special(p: Path, what: str) -> None:
+def _refuse_special(p: Path, what: str, advice: str = _RULE) -> None:
     if p.is_symlink():
-        raise OutputError(f"{what} '{p}' is a symbolic link; {_RULE}")
+        raise OutputError(f"{what} '{p}' is a symbolic link; {advice}")
     resolved, cwd = p.resolve(), Path.cwd().resolve()
     if resolved == cwd or resolved in cwd.parents:
-        raise OutputError(f"{what} '{p}' is the current folder or one of its parents; {_RULE}")
+        raise OutputError(f"{what} '{p}' is the current folder or one of its parents; {advice}")
 
 
 def check_output_dir(target) -> str:
@@ -170,7 +170,7 @@ def check_output_file(path, what: str, is_ours) -> None:
     """May naflow write the file ``path``? Absent, or an existing regular file for which
     ``is_ours(path)`` is true (e.g. it parses as an ONNX model); else an OutputError."""
     p = Path(path)
-    _refuse_special(p, what)
+    _refuse_special(p, what, "give a new path")
     if not p.exists():
         return
     if not p.is_file():
