@@ -48,6 +48,17 @@ class FusionAdd(nn.Module):
         return self.a(x) + self.b(x)
 
 
+class Product(nn.Module):
+    """Two ReLU branches multiplied (not a sigmoid gate): a fan-in Mul, J_a = diag(b), J_b = diag(a)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = _cbr(6, 6), _cbr(6, 6, 1)
+
+    def forward(self, x):
+        return self.a(x) * self.b(x)
+
+
 class Softplussed(nn.Module):
     """A tensor read by a conv and by Softplus (an op with no inverse rule) inside a segment
     (the identity shortcut keeps it from being the segment's input)."""
@@ -70,6 +81,8 @@ def _tiny(name: str) -> nn.Module:
         cout = body.cout
     elif name == "fusion":
         body, cout = FusionAdd(), 6
+    elif name == "product":
+        body, cout = Product(), 6
     else:
         body, cout = Softplussed(), 6
     model = TinyHead(body, cout)
@@ -84,7 +97,7 @@ def _tiny(name: str) -> nn.Module:
 def branch_flows(workdir):
     image = np.random.default_rng(1).integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)
     out = {}
-    for name in ("dense", "inception", "fusion"):
+    for name in ("dense", "inception", "fusion", "product"):
         path = workdir / f"branch_{name}.onnx"
         export(_tiny(name), path, (1, 3, SIZE, SIZE), preprocess="none")
         an = nf.Analyzer(str(path))
@@ -136,7 +149,8 @@ def _explicit_solution(an, flow, record, t: str | None):
 
 @pytest.mark.parametrize("name,rule,count", [("dense", "fan-out (stacked, m=", 2),
                                              ("inception", "fan-out (stacked, m=2)", 2),
-                                             ("fusion", "fan-in (joint, k=2)", 1)])
+                                             ("fusion", "fan-in (joint, k=2)", 1),
+                                             ("product", "fan-in (joint, k=2)", 1)])
 def test_stacked_and_joint_solves_equal_dense_pseudo_inverse(branch_flows, name, rule, count):
     an, flow = branch_flows[name]
     bpfm, lam = flow.tensors["BPFM"], flow.tensors["Lambda"]
@@ -185,7 +199,7 @@ def test_copy_fan_out_is_the_average_of_slices(branch_flows):
         assert not torch.allclose(slices[0], slices[-1])   # the slices really differ
 
 
-@pytest.mark.parametrize("name", ["dense", "inception", "fusion"])
+@pytest.mark.parametrize("name", ["dense", "inception", "fusion", "product"])
 def test_branch_nets_abandon_parity_and_converge(branch_flows, name):
     an, flow = branch_flows[name]
     bpfm, lam = flow.tensors["BPFM"], flow.tensors["Lambda"]
@@ -213,7 +227,7 @@ def test_fan_out_into_an_op_without_rule_is_refused_naming_tensor_and_nodes(work
     assert "cannot be linearised" in msg and "Softplus" in msg and "Conv" in msg
 
 
-@pytest.mark.parametrize("name", ["dense", "inception", "fusion"])
+@pytest.mark.parametrize("name", ["dense", "inception", "fusion", "product"])
 def test_infinite_damping_is_gradient_times_activation(branch_flows, name):
     """t = inf gives Δ = 0 in every rule, fan-out and fan-in included: NAFlow = gradxact."""
     an, flow = branch_flows[name]
@@ -225,3 +239,37 @@ def test_infinite_damping_is_gradient_times_activation(branch_flows, name):
         assert np.array_equal(inf.maps[t], inf.compare_maps[t]), t
     # and the finite-t maps differ from it somewhere (the rules did something)
     assert any(not np.allclose(flow.maps[t], inf.maps[t]) for t in flow.maps)
+
+
+def test_sum_of_three_branches_is_a_joint_fan_in(tmp_path):
+    """An ONNX Sum of three ReLU branches (k = 3) against the explicit damped pseudo-inverse."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(4)
+
+    def w(name, cout, cin, k):
+        return numpy_helper.from_array((rng.standard_normal((cout, cin, k, k)) * 0.3).astype(np.float32), name)
+
+    inits = [w("w0", 4, 3, 3), w("wa", 4, 4, 3), w("wb", 4, 4, 1), w("wc", 4, 4, 3), w("w1", 5, 4, 3)]
+    conv = dict(pads=[1, 1, 1, 1])
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"], **conv), helper.make_node("Relu", ["c0"], ["r0"]),
+             helper.make_node("Conv", ["r0", "wa"], ["ca"], **conv), helper.make_node("Relu", ["ca"], ["a"]),
+             helper.make_node("Conv", ["r0", "wb"], ["cb"]), helper.make_node("Relu", ["cb"], ["b"]),
+             helper.make_node("Conv", ["r0", "wc"], ["cc"], **conv), helper.make_node("Relu", ["cc"], ["c"]),
+             helper.make_node("Sum", ["a", "b", "c"], ["s"]),
+             helper.make_node("Conv", ["s", "w1"], ["c1"], **conv), helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("GlobalAveragePool", ["r1"], ["y"])]
+    graph = helper.make_graph(nodes, "sum3", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, 1, 1])], inits)
+    path = tmp_path / "sum3.onnx"
+    path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
+    an = nf.Analyzer(str(path), preprocess="none")
+    image = np.random.default_rng(2).integers(0, 255, (8, 8, 3), dtype=np.uint8)
+    flow = an.analyze(image, keep_tensors=True)
+    recs = {layer.tensor: layer.solver for layer in flow.layers}
+    assert {recs[t]["rule"] for t in "abc"} == {"fan-in (joint, k=3)"}
+    assert recs["a"]["converged"]
+    bpfm, lam = flow.tensors["BPFM"], flow.tensors["Lambda"]
+    for u, x_hat in _explicit_solution(an, flow, recs["a"], None).items():
+        want = torch.where(lam[u] != 0, x_hat, torch.zeros_like(x_hat))
+        assert float((bpfm[u].double() - want).norm() / want.norm()) < 2e-4, u

@@ -206,7 +206,7 @@ class _SegmentWalk:
             ctx.known = {short: self.shortcut_bpfm(short)}
             cands, rec = rule_for(node).invert(ctx)
             record = {"rule": node.op_type, "node": node.name, "segment": seg.id, **rec.as_dict()}
-        elif len(ctx.data_inputs) >= 2 and not _exact_split(node):
+        elif len(ctx.data_inputs) >= 2 and node.op_type in _FAN_IN:
             cands, record = self.fan_in(node, ctx, unknown)
         else:
             cands, rec = rule_for(node).invert(ctx)
@@ -219,7 +219,6 @@ class _SegmentWalk:
         ``argmin ‖Σ J_i Δ_i − δ‖² + (tσ)² Σ‖Δ_i‖²``, J_i the node linearised at the forward
         point, δ = BPFM_out − f(unknowns at A, the segment input at its BPFM)."""
         bp = self.bp
-        rule_for(node)  # an op with no inverse rule is refused here, naming it
         out = ctx.output()
         held = {t: bp.bpfm[t] for t in ctx.data_inputs if t == self.seg.input}
         maps = [node_map(bp.mg, bp.env, node, t, out) for t in unknown]
@@ -273,6 +272,9 @@ class _SegmentWalk:
 
 # Op-type knowledge of the walk, in one place (to become registry queries):
 _RESIDUAL_JOIN = ("Add", "Sub")
+# element-wise joins of several data tensors that the fan-in rule linearises (Concat is an
+# exact split instead; any other op with several data inputs needs its own rule)
+_FAN_IN = ("Add", "Sub", "Mul", "Div", "Sum", "Mean")
 
 
 def _exact_split(node) -> bool:
