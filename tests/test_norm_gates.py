@@ -517,15 +517,15 @@ def test_dynamic_dims(dims, small_image):
 
 
 def test_refused_up_front_naming_every_op_and_node(small_image, monkeypatch):
-    """An op with no inverse rule (Abs) and a Div by a data tensor not computed from the
-    numerator: one error naming both nodes, raised before Lambda or any back-projection. (A Mul
-    of two such tensors is a fan-in with a rule, METHOD.md §5.)"""
+    """Two ops with no inverse rule (Abs, Erf) on the data path: one error naming both with
+    their nodes, raised before Lambda or any back-projection."""
     rng = np.random.default_rng(5)
     model = _conv_model([
         helper.make_node("Abs", ["c1"], ["ab"], name="the_abs"),
         helper.make_node("Conv", ["ab", "wa"], ["ca"], pads=[1, 1, 1, 1]),
         helper.make_node("Conv", ["ab", "wb"], ["cb"], pads=[1, 1, 1, 1]),
-        helper.make_node("Div", ["ca", "cb"], ["m"], name="the_quotient")],
+        helper.make_node("Erf", ["ca"], ["ea"], name="the_erf"),
+        helper.make_node("Add", ["ea", "cb"], ["m"])],
         [_init("wa", rng.normal(0, 0.3, (8, 8, 3, 3))), _init("wb", rng.normal(0, 0.3, (8, 8, 3, 3)))], 17)
     import naflow_onnx.flow as flow_mod
 
@@ -536,7 +536,7 @@ def test_refused_up_front_naming_every_op_and_node(small_image, monkeypatch):
     with pytest.raises(UnsupportedOpError) as err:
         analyzer.analyze(small_image)
     msg = str(err.value)
-    assert "\n" not in msg and "Abs (node 'the_abs'" in msg and "node 'the_quotient'" in msg
+    assert "\n" not in msg and "Abs (node 'the_abs'" in msg and "Erf (node 'the_erf'" in msg
     monkeypatch.undo()
     assert analyzer.analyze(small_image, method="gradcam").maps   # methods without BPFM still run
 

@@ -92,6 +92,8 @@ class OpRecord:
     shape_only: bool = False                     # the output is its input's values, reshaped
     scaled_copy: bool = False                    # with one data operand (the others constant): an
                                                  # element-wise affine copy of it (x/√2 in a GELU)
+    fan_in: bool = False                         # element-wise join of several data tensors that
+                                                 # the fan-in rule linearises (METHOD.md §5)
     freezable: bool = False                      # binary arithmetic that may hold one operand at its
                                                  # forward value (graph.frozen_operands)
     note: str = ""                               # README detail, e.g. "(constant weight)"
@@ -165,6 +167,7 @@ is_elementwise = _trait("elementwise")
 is_join = _trait("join")
 is_scaled_copy = _trait("scaled_copy")
 is_freezable = _trait("freezable")
+is_fan_in = _trait("fan_in")
 is_gate_source = _trait("gate_source")
 is_gate_path = _trait("gate_path")
 is_probability = _trait("probability")

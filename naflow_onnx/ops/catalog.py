@@ -170,10 +170,10 @@ def _arithmetic_samples(op: str) -> list[Sample]:
 
 for _op, _fn in {"Add": torch.add, "Sub": torch.sub, "Mul": torch.mul}.items():
     register(_op, ew.binary(_fn), rule=ARITHMETIC, role=LAYOUT, elementwise=True,
-             join=_op != "Mul", gate_path=True, scaled_copy=True, freezable=True,
+             join=_op != "Mul", gate_path=True, scaled_copy=True, freezable=True, fan_in=True,
              samples=lambda _op=_op: _arithmetic_samples(_op))
 register("Div", ew.div, rule=ARITHMETIC, role=LAYOUT, elementwise=True, gate_path=True,
-         scaled_copy=True, freezable=True,
+         scaled_copy=True, freezable=True, fan_in=True,
          samples=lambda: [Sample(X4, _consts(c=lambda g: torch.rand(1, 3, 1, 1, generator=g) + 0.5))])
 
 # ------------------------------------------------------------------------------------------------
@@ -181,6 +181,7 @@ register("Div", ew.div, rule=ARITHMETIC, role=LAYOUT, elementwise=True, gate_pat
 
 for _op in ("Sum", "Mean", "Max", "Min"):
     register(_op, ew.variadic, rule=VARIADIC, role=LAYOUT, join=_op in ("Sum", "Mean"),
+             fan_in=_op in ("Sum", "Mean"),
              samples=lambda _op=_op: [
         Sample(X4, _consts(c=_randn(1, 3, 6, 6), d=_randn(3, 1, 1)),
                check="range" if _op in ("Max", "Min") else "injective"),

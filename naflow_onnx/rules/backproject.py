@@ -20,7 +20,7 @@ import torch
 from ..errors import UnsupportedOpError
 from ..forward import run_nodes
 from ..graph import ModelGraph, Plan, Segment
-from ..ops import is_join, record, rule_for
+from ..ops import is_fan_in, is_join, record, rule_for
 from . import RuleContext
 from .affine import AffineRule
 from .elementwise import ArithmeticRule, BatchNormRule
@@ -202,7 +202,7 @@ class _SegmentWalk:
             ctx.known = {short: self.shortcut_bpfm(short)}
             cands, rec = rule_for(node).invert(ctx)
             record = {"rule": node.op_type, "node": node.name, "segment": seg.id, **rec.as_dict()}
-        elif len(ctx.data_inputs) >= 2 and not _exact_split(node):
+        elif len(ctx.data_inputs) >= 2 and is_fan_in(node):
             cands, record = self.fan_in(node, ctx, unknown)
         else:
             cands, rec = rule_for(node).invert(ctx)
@@ -215,7 +215,6 @@ class _SegmentWalk:
         ``argmin ‖Σ J_i Δ_i − δ‖² + (tσ)² Σ‖Δ_i‖²``, J_i the node linearised at the forward
         point, δ = BPFM_out − f(unknowns at A, the segment input at its BPFM)."""
         bp = self.bp
-        rule_for(node)  # an op with no inverse rule is refused here, naming it
         out = ctx.output()
         held = {t: bp.bpfm[t] for t in ctx.data_inputs if t == self.seg.input}
         maps = [node_map(bp.mg, bp.env, node, t, out) for t in unknown]
@@ -302,9 +301,8 @@ def walked(mg: ModelGraph, plan: Plan, features: set[str]) -> list[Segment]:
 
 def refusals(mg: ModelGraph, plan: Plan, needed: set[str] | None = None) -> list[str]:
     """What the back-projection would refuse on this plan, found before any work is done (issue
-    13): every node it would invert that has no inverse rule, and every Div by a data tensor
-    that is not a frozen operand. Each entry names the op or pattern and its node. (Mul/Add/Sub
-    of two data tensors is a fan-in, METHOD.md §5.)"""
+    13): every node it would invert that has no inverse rule, named with its node. (Add/Sub/Mul/
+    Div of two data tensors is a fan-in, METHOD.md §5; a frozen operand is held at its value.)"""
     found = []
     for seg in walked(mg, plan, set(plan.features) if needed is None else set(needed)):
         for idx in seg.nodes:
@@ -315,8 +313,6 @@ def refusals(mg: ModelGraph, plan: Plan, needed: set[str] | None = None) -> list
             rec = record(node)
             if rec is None or rec.rule is None:
                 found.append(f"{node.op_type} (node '{node.name}', no inverse rule)")
-            elif node.op_type == "Div" and node.inputs[1] in data:
-                found.append(f"Div by a data tensor (node '{node.name}')")
     return found
 
 

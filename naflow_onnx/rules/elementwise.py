@@ -95,8 +95,9 @@ class ArithmeticRule(InverseRule):
     value like a constant: x_hat = BPFM_out / gate, and so on."""
     summary = ("arithmetic: exact with a constant operand; a frozen operand (a Sigmoid/HardSigmoid "
                "gate of SE, CBAM, BAM; the g of a decomposed self-gated activation; a normalisation "
-               "statistic) is held at its forward value and its branch gets no BPFM; Add/Sub of two "
-               "data tensors is a residual join (METHOD.md §5)")
+               "statistic) is held at its forward value and its branch gets no BPFM; of two data "
+               "tensors, Add/Sub with a known shortcut is a residual join, else Add/Sub/Mul/Div is "
+               "a fan-in: joint least squares over both branches (METHOD.md §5)")
 
     def invert(self, ctx):
         node, env = ctx.node, ctx.env
@@ -146,7 +147,7 @@ class VariadicRule(InverseRule):
     when the others are known, METHOD.md §5). Max/Min with one data operand (the others
     constant): x_hat = BPFM_out; where a constant was selected Lambda = 0 abandons the neuron
     (Max(x, 0) is a ReLU, Min(Max(x, 0), 6) a ReLU6)."""
-    summary = ("variadic: Sum/Mean solve their one unknown operand exactly; Max/Min against "
+    summary = ("variadic: Sum/Mean solve their one unknown operand exactly (k unknown: a fan-in); Max/Min against "
                "constants pass BPFM_out through (Max(x, 0) is a ReLU)")
 
     def invert(self, ctx):
