@@ -270,7 +270,7 @@ def test_sum_of_three_branches_is_a_joint_fan_in(tmp_path):
     recs = {layer.tensor: layer.solver for layer in flow.layers}
     assert {recs[t]["rule"] for t in "abc"} == {"fan-in (joint, k=3)"}
     assert recs["a"]["converged"]
-    bpfm, lam = flow.tensors["BPFM"], flow.tensors["Lambda"]
+    bpfm, lam = flow.tensors.BPFM, flow.tensors.Lambda
     for u, x_hat in _explicit_solution(an, flow, recs["a"], None).items():
         want = torch.where(lam[u] != 0, x_hat, torch.zeros_like(x_hat))
         assert float((bpfm[u].double() - want).norm() / want.norm()) < 2e-4, u
@@ -392,7 +392,7 @@ def test_branchy_family_blocks_map_every_conv(workdir, family):
     assert flow.model["final_tensor"] == [n for n in an.graph.nodes if n.op_type == "Relu"][-1].outputs[0]
     rules = {layer.solver["rule"].split(" (")[0] for layer in flow.layers if layer.solver}
     assert branch_rules <= rules, rules
-    bpfm, lam = flow.tensors["BPFM"], flow.tensors["Lambda"]
+    bpfm, lam = flow.tensors.BPFM, flow.tensors.Lambda
     for layer in flow.layers:
         assert layer.solver is None or layer.solver.get("converged", True), layer.solver
         assert bool((bpfm[layer.tensor][lam[layer.tensor] == 0] == 0).all()), layer.tensor
