@@ -53,10 +53,13 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 def add_backend_options(p: argparse.ArgumentParser, resume_help: str | None = None) -> None:
     """--backend, --address, --workers (and --resume): naflow_onnx.backends, docs/ray.md."""
     g = p.add_argument_group("backend (docs/ray.md)")
-    g.add_argument("--backend", choices=["local", "ray"], default="local",
-                   help="local: this process (default); ray: Ray actors, one model each")
+    from .backends import BACKENDS
+    g.add_argument("--backend", choices=BACKENDS, default="local",
+                   help="local: this process (default); processes: worker processes on this "
+                        "machine; ray: Ray actors; each worker loads the model once")
     g.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
-    g.add_argument("--workers", type=int, help="Ray actors (default: the cluster's CPUs)")
+    g.add_argument("--workers", type=int, help="worker processes or Ray actors (default: the CPUs "
+                   "of this machine or of the cluster)")
     if resume_help:
         g.add_argument("--resume", action="store_true", help=resume_help)
 
@@ -136,14 +139,9 @@ RUN_OPTIONS = ("out", "json", "quiet", "threads", "backend", "address", "workers
 
 
 def check_backend_args(args) -> None:
-    """--address and --workers belong to --backend ray."""
-    if args.backend != "ray":
-        if args.address:
-            raise NAFlowError("--address needs --backend ray")
-        if args.workers is not None:
-            raise NAFlowError("--workers needs --backend ray")
-    if args.workers is not None and args.workers < 1:
-        raise NAFlowError(f"--workers must be >= 1, got {args.workers}")
+    """--address belongs to --backend ray, --workers to processes or ray."""
+    from .backends import check_backend_options
+    check_backend_options(args.backend, args.address, args.workers)
 
 
 class AnalyzeTask:
@@ -429,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
             ("check", "check", "main_check", "gate a model on its attention over a set of images (docs/check.md)"),
             ("baseline", "check", "main_baseline", "record a trusted model's maps for `naflow check --baseline`"),
             ("gallery", "gallery", "main", "export and analyse every registry model (docs/gallery.md)"),
-            ("evaluate", "evaluate.run", "main", "faithfulness and localisation of every layer's map, per method (docs/evaluation.md)")):
+            ("evaluate", "evaluate.cli", "main", "faithfulness and localisation of every layer's map, per method (docs/evaluation.md)")):
         c = sub.add_parser(name, help=text, add_help=False, prefix_chars="\0")
         c.add_argument("argv", nargs=argparse.REMAINDER)
         c.set_defaults(func=_delegate(module, function))

@@ -31,9 +31,8 @@ from .importance import class_objective, importance, resolve_class, scores_of
 from .similarity import SimilarityObjective
 from .methods import METHODS, NEEDS_BPFM, layer_map, resize_map
 from .rules.backproject import backproject
-from .rules.solver import SolverOptions
+from .rules.solver import DEFAULT_DAMP, SolverOptions
 
-DEFAULT_DAMP = 1.0   # chosen by the evaluation benchmark (docs/method.md "Damping default")
 SCHEMA_VERSION = 1
 
 
@@ -263,8 +262,13 @@ class Analyzer:
 
     def _need_embedding(self) -> str:
         if self.embedding_name is None:
-            raise NAFlowError("this model declares no embedding output: give --embedding-output "
-                              "NAME (a model output or tensor holding the embedding)")
+            outputs = [o.name for o in self.graph.model.graph.output]
+            if len(outputs) != 1:
+                raise NAFlowError(f"this model declares no embedding output and has {len(outputs)} "
+                                  "outputs: give --embedding-output NAME (a model output or tensor "
+                                  "holding the embedding)")
+            # one output and no metadata: that output can only be the embedding
+            self.embedding_name = embedding_tensor(self.graph, outputs[0])
         return self.embedding_name
 
     def embed(self, image) -> np.ndarray:

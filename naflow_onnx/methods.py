@@ -6,13 +6,14 @@ min-max (``normalise``) and happens only when drawing or resizing.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 METHODS = ("naflow", "reference", "gradcam", "layercam", "gradxact")
 NEEDS_BPFM = {"naflow"}
 
 
-def layer_map(method: str, A: torch.Tensor, lam: torch.Tensor, bpfm: torch.Tensor | None = None) -> torch.Tensor:
+def layer_map(method: str, A: "torch.Tensor", lam: "torch.Tensor",  # noqa: F821
+              bpfm: "torch.Tensor | None" = None) -> "torch.Tensor":  # noqa: F821
+    import torch
     if method == "naflow":            # L = ReLU(sum_d Lambda_d BPFM_d)          (Eq. 2)
         return torch.relu((lam * bpfm).sum(1))
     if method == "reference":         # released code: sum_d ReLU(Lambda_d A_d [Lambda_d != 0])
@@ -36,6 +37,7 @@ def normalise(m: np.ndarray) -> np.ndarray:
 
 def resize_map(m: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Bilinear resize of an H×W map to (height, width), then min-max normalised."""
+    import torch
     t = torch.from_numpy(np.ascontiguousarray(m, dtype=np.float32))[None, None]
     up = torch.nn.functional.interpolate(t, size=size, mode="bilinear", align_corners=False)
     return normalise(up[0, 0].numpy())

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from naflow_onnx.evaluate.report import stage_of
-from naflow_onnx.evaluate.run import cascade_steps, main
+from naflow_onnx.evaluate.cli import main
+from naflow_onnx.evaluate.run import cascade_steps
 
 from conftest import ROOT
 from test_cli import run_cli
