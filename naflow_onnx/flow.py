@@ -29,7 +29,7 @@ from .forward import parity, run_graph
 from .graph import DEFAULT_MAX_BYTES, ModelGraph, Plan, embedding_tensor, load_model, plan
 from .importance import class_objective, importance, resolve_class, scores_of
 from .similarity import SimilarityObjective
-from .methods import METHODS, NEEDS_BPFM, layer_map, resize_map
+from .methods import METHODS, NEEDS_BPFM, layer_map, resize_normalised
 from .rules.backproject import backproject
 from .rules.solver import DEFAULT_DAMP, SolverOptions
 
@@ -83,7 +83,7 @@ class Flow:
     def resized(self, name: str, compare: bool = False) -> np.ndarray:
         """The map of layer ``name`` at the image size, min-max normalised to [0, 1]."""
         m = (self.compare_maps if compare else self.maps)[name]
-        return resize_map(m, self.image.shape[:2])
+        return resize_normalised(m, self.image.shape[:2])
 
     def solver_summary(self) -> dict:
         return solver_summary(layer.solver for layer in self.layers)

@@ -30,7 +30,8 @@ from conftest import ROOT, package_dir
 from smallnets import RedDetector
 from exporters.torch_export import export
 from naflow_onnx.check import main_baseline, main_check, randomise_weights
-from naflow_onnx.check.checks import pearson, rankdata, spearman
+from naflow_onnx.check.checks import pearson, spearman
+from naflow_onnx.stats import rankdata
 from naflow_onnx.check.config import load_config
 from naflow_onnx.preprocess import map_box
 

@@ -83,7 +83,7 @@ def run(model, options: EvaluateOptions | None = None) -> "Evaluation":  # noqa:
     from ..backends import Failure
     from ..graph import read_model
     from .datasets import load_items
-    from .metrics import weight_bearing_nodes
+    from ..randomise import weight_bearing_nodes
     from .report import Evaluation
     from .task import EvaluationTask, variants_of
 
