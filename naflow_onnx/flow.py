@@ -14,6 +14,7 @@ evaluate do; docs/architecture.md):
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -34,6 +35,10 @@ from .rules.backproject import backproject
 from .rules.solver import DEFAULT_DAMP, SolverOptions
 
 SCHEMA_VERSION = 1
+# flow.json's keys that to_json writes from the fields (the rest is ``extra``)
+_JSON_KEYS = ("schema", "schema_version", "model", "input", "preprocess", "target", "method",
+              "compare", "options", "parity", "timings", "final_layer", "solver_summary", "layers",
+              "skipped")
 
 
 @dataclass
@@ -100,6 +105,25 @@ class Flow:
             "skipped": [{"tensor": t, "reason": r} for t, r in self.skipped.items()],
             **self.extra,
         }
+
+    @classmethod
+    def from_json(cls, doc: dict, maps: dict[str, np.ndarray], image: np.ndarray,
+                  compare_maps: dict[str, np.ndarray] | None = None) -> "Flow":
+        """The inverse of ``to_json`` (flow.json's content, read back as strict JSON: a damping
+        written "inf" is a float again) with the maps and the network-input view; without
+        ``tensors`` and the per-tensor parity, which flow.json does not hold."""
+        def number(v):
+            return math.inf if v == "inf" else v
+        layers = [Layer(**{**d, "solver": {**d["solver"], "damp": number(d["solver"].get("damp"))}
+                           if d.get("solver") and "damp" in d["solver"] else d.get("solver")})
+                  for d in doc["layers"]]
+        options = {**doc["options"], "damp": number(doc["options"].get("damp"))}
+        return cls(model=doc["model"], input=doc["input"], preprocess=doc["preprocess"],
+                   target=doc["target"], method=doc["method"], layers=layers, maps=maps,
+                   image=image, parity=doc["parity"], timings=doc["timings"], options=options,
+                   skipped={r["tensor"]: r["reason"] for r in doc.get("skipped", [])},
+                   compare=doc.get("compare"), compare_maps=compare_maps or {},
+                   extra={k: v for k, v in doc.items() if k not in _JSON_KEYS})
 
     def plot(self, max_columns: int = 12, partner: "Flow | None" = None):
         """The flow strip; ``partner`` (the reference side of a similarity pair) adds its rows."""
@@ -227,7 +251,7 @@ class Analyzer:
                  damp: float = DEFAULT_DAMP, conv_inverse: str = "lsq", tol: float = 1e-4,
                  max_iter: int = 2000, parity_tol: float = 1e-3, labels=None,
                  output: str | None = None, embedding_output: str | None = None,
-                 max_model_bytes: int = DEFAULT_MAX_BYTES):
+                 max_model_bytes: int = DEFAULT_MAX_BYTES, reference_solver: bool = False):
         if conv_inverse not in ("lsq", "paper"):
             raise NAFlowError(f"--conv-inverse must be 'lsq' or 'paper', not '{conv_inverse}'")
         if damp < 0:
@@ -244,7 +268,7 @@ class Analyzer:
         self.labels = labels_mod.load_labels(labels) if labels else labels_mod.from_metadata(
             self.graph.metadata)
         self.opts = SolverOptions(damp=float(damp), tol=tol, max_iter=max_iter,
-                                  conv_inverse=conv_inverse)
+                                  conv_inverse=conv_inverse, reference=reference_solver)
         self.parity_tol = parity_tol
         self._plans: dict[tuple, Plan] = {}
         self._constants: dict[str, torch.Tensor] | None = None

@@ -182,9 +182,6 @@ class CheckTask:
 # the per-image flow cache of --resume (naflow_onnx.resume): OUT/.naflow-cache/<entry>/
 
 CACHE_DIR = ".naflow-cache"
-_FLOW_KEYS = ("model", "input", "preprocess", "target", "method", "compare", "options", "parity",
-              "timings", "layers", "skipped")
-_DERIVED_KEYS = ("schema", "schema_version", "final_layer", "solver_summary")
 
 
 def _npz_bytes(arrays: dict) -> bytes:
@@ -201,7 +198,9 @@ def flow_files(flow) -> dict[str, bytes]:
     import io as _io
 
     import numpy as np
-    files = {"flow.json": json.dumps(flow.to_json(), allow_nan=True).encode(),
+
+    from ..io import json_safe
+    files = {"flow.json": json.dumps(json_safe(flow.to_json()), allow_nan=False).encode(),
              "maps.npz": _npz_bytes(flow.maps)}
     if flow.compare_maps:
         files["compare_maps.npz"] = _npz_bytes(flow.compare_maps)
@@ -215,21 +214,16 @@ def flow_from_files(folder: Path):
     """The Flow that ``flow_files`` wrote (without ``tensors`` and the per-tensor parity)."""
     import numpy as np
 
-    from ..flow import Flow, Layer
-    j = json.loads((folder / "flow.json").read_text())
+    from ..flow import Flow
 
     def npz(name):
         if not (folder / name).is_file():
             return {}
         with np.load(folder / name, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
-    return Flow(model=j["model"], input=j["input"], preprocess=j["preprocess"], target=j["target"],
-                method=j["method"], layers=[Layer(**d) for d in j["layers"]], maps=npz("maps.npz"),
-                image=np.load(folder / "image.npy", allow_pickle=False), parity=j["parity"],
-                timings=j["timings"], options=j["options"],
-                skipped={r["tensor"]: r["reason"] for r in j.get("skipped", [])},
-                compare=j.get("compare"), compare_maps=npz("compare_maps.npz"),
-                extra={k: v for k, v in j.items() if k not in _FLOW_KEYS + _DERIVED_KEYS})
+    return Flow.from_json(json.loads((folder / "flow.json").read_text()), npz("maps.npz"),
+                          np.load(folder / "image.npy", allow_pickle=False),
+                          npz("compare_maps.npz"))
 
 
 def _cache_entry(cfg: CheckConfig, image: Path) -> str:

@@ -19,7 +19,7 @@ from ..forward import run_nodes
 from ..graph import ModelGraph, Plan, Segment
 from . import RuleContext, rule_for
 from .linearize import SegmentMap
-from .solver import SolverOptions, SolveRecord, reference_mode, solve_affine
+from .solver import SolverOptions, SolveRecord, solve_affine
 
 
 def segment_function(mg: ModelGraph, env: dict, seg: Segment) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -87,7 +87,7 @@ class BackProjection:
         mg, env = self.mg, self.env
         f = segment_function(mg, env, seg)
         # J linearised once at the forward point (reference mode: torch.func on the whole segment)
-        J = None if reference_mode() else SegmentMap(mg, env, seg.nodes, seg.input, seg.output)
+        J = None if self.opts.reference else SegmentMap(mg, env, seg.nodes, seg.input, seg.output)
         x_hat, rec = solve_affine(f, env[seg.input], self.bpfm[seg.output], self.opts,
                                   f"segment {seg.id} ({seg.input} -> {seg.output})", J=J)
         self.bpfm[seg.input] = self.abandon(seg.input, x_hat)

@@ -8,7 +8,6 @@ gives Delta = 0.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -28,6 +27,9 @@ class SolverOptions:
     max_iter: int = 2000
     power_iter: int = 8
     conv_inverse: str = "lsq"  # or "paper"
+    # the unoptimised path (torch.func JVP/VJP of whole joint segments, one CG for all channels
+    # of a depthwise conv), kept to check the fast path against
+    reference: bool = False
     dense_limit_bytes: int = 512 * 1024**2
     # per-model memo of point-independent quantities (sigma of a conv, pinv of a 1x1 conv)
     cache: dict = field(default_factory=dict, repr=False, compare=False)
@@ -61,12 +63,6 @@ class LinearMap:
 
     def rmatvec(self, u: torch.Tensor) -> torch.Tensor:
         return self._vjp(u)[0]
-
-
-def reference_mode() -> bool:
-    """``NAFLOW_SOLVER=reference``: the unoptimised path (torch.func JVP/VJP of whole joint
-    segments, one CG for all channels of a depthwise conv), kept to check the fast path against."""
-    return os.environ.get("NAFLOW_SOLVER", "").strip().lower() == "reference"
 
 
 def _norm(t: torch.Tensor) -> float:
@@ -172,7 +168,7 @@ def solve_affine(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, y_
             if sigma_key is not None:
                 opts.cache[("sigma", sigma_key)] = sigma
     lam = opts.damp * sigma if sigma else 0.0
-    blocks = None if reference_mode() else getattr(J, "block_dims", None)
+    blocks = None if opts.reference else getattr(J, "block_dims", None)
     dx, iters, conv, misfit = cgls(J, delta, lam, opts.tol, opts.max_iter, blocks)
     if blocks is not None and not math.isfinite(conv):
         # per-channel CG broke down in float32 (seen on EfficientNet-Lite0: a near-empty channel
