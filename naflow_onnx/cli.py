@@ -90,47 +90,14 @@ def _summary(flow, folder: Path) -> dict:
                            if t.get("kind") == "similarity" else None)}
 
 
-SIMILARITY_OPTIONS = ("reference", "support", "gallery", "prototypes")
-
-
-def similarity_flows(analyzer, image, args, progress=None):
-    """Query and reference flows of a similarity decision (METHOD.md §6, paper Fig. 10-12)."""
-    from .errors import TargetError
-    from .similarity import image_files, load_prototypes, rank
-    mode = next(k for k in SIMILARITY_OPTIONS if getattr(args, k))
-    query = analyzer.embed(image)
-    ranking, ref_image, ref_vec = None, None, None
-    if mode == "reference":
-        ref_image = Path(args.reference)
-        ref_vec, chosen = analyzer.embed(ref_image), ref_image.name
-    else:
-        if mode == "prototypes":
-            candidates = load_prototypes(args.prototypes)
-            files = {}
-        else:
-            paths = image_files(getattr(args, mode))
-            key = (lambda p: p.stem) if mode == "support" else (lambda p: p.name)
-            files = {key(p): p for p in paths}
-            candidates = {k: analyzer.embed(p) for k, p in files.items()}
-        ranking = rank(query, candidates)
-        chosen = ranking[0]["name"]
-        if args.target not in (None, "top1"):
-            if args.target not in candidates:
-                raise TargetError(f"target '{args.target}' is not among the {mode} classes "
-                                  f"({', '.join(sorted(candidates)[:8])}...)")
-            chosen = args.target
-        ref_vec, ref_image = candidates[chosen], files.get(chosen)
-    details = {"mode": mode, "prediction": ranking[0]["name"] if ranking else chosen,
-               "reference": chosen, "ranking": ranking[: args.top_k] if ranking else None}
-    objective = analyzer.similarity_objective(ref_vec, description=str(chosen), **details)
-    flow = analyzer.analyze(image, method=args.method, compare=args.compare, layers=args.layers,
-                            objective=objective, progress=progress)
-    partner = None
-    if ref_image is not None:
-        back = analyzer.similarity_objective(query, description=f"query {Path(image).name}",
-                                             mode=mode, side="reference")
-        partner = analyzer.analyze(ref_image, method=args.method, layers=args.layers, objective=back)
-    return flow, partner
+def _similarity_target(args):
+    """--reference / --support / --gallery / --prototypes (at most one) as the library's
+    SimilarityTarget, or None for a class target."""
+    from .similarity import SIMILARITY_MODES, SimilarityTarget
+    mode = next((k for k in SIMILARITY_MODES if getattr(args, k, None)), None)
+    if mode is None:
+        return None
+    return SimilarityTarget(mode, getattr(args, mode), target=args.target, top_k=args.top_k)
 
 
 # run-level options of `analyze`: they do not change any result (not part of the resume key)
@@ -183,13 +150,17 @@ class AnalyzeTask:
         from tqdm import tqdm
 
         from .io import write_flow_files
+        from .similarity import similarity_flows
         image, name = item
         args = argparse.Namespace(**self.options)
         with tqdm(total=None, desc=f"segments ({Path(image).name})", leave=False, unit="seg",
                   disable=None if self.segments_bar else True) as bar:
             partner = None
-            if any(getattr(args, k) for k in SIMILARITY_OPTIONS):
-                flow, partner = similarity_flows(self.analyzer, image, args, bar.update)
+            similarity = _similarity_target(args)
+            if similarity is not None:
+                flow, partner = similarity_flows(self.analyzer, image, similarity, method=args.method,
+                                                 compare=args.compare, layers=args.layers,
+                                                 progress=bar.update)
             else:
                 flow = self.analyzer.analyze(image, target=args.target, method=args.method,
                                              compare=args.compare, layers=args.layers,
@@ -308,7 +279,6 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_export(args) -> int:
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from exporters.torch_export import export, load_factory, load_weights
     preprocess, labels, outputs, embedding, shape = args.preprocess, args.labels, None, None, None
     if args.model:
@@ -345,7 +315,6 @@ def cmd_export(args) -> int:
 
 
 def cmd_models(args) -> int:
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from models.registry import MODELS
     rows = []
     for name, spec in MODELS.items():
