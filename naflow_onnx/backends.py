@@ -44,8 +44,8 @@ from .errors import NAFlowError
 
 BACKENDS = ("local", "processes", "ray")
 IN_FLIGHT_PER_WORKER = 2
-# how long the run waits for a first worker to be started (no free CPU in the cluster?)
-STALL_S = float(os.environ.get("NAFLOW_RAY_STALL_S", "600"))
+# how long a ray run waits for a first worker to be started (no free CPU in the cluster?)
+STALL_S = 600.0
 
 
 class Task:
@@ -102,9 +102,10 @@ class TaskRun(Iterator):
 
 def run_tasks(task: Task, items: list, *, backend: str = "local", address: str | None = None,
               workers: int | None = None, retries: int = 2, progress: bool = True,
-              desc: str = "images") -> Iterator[tuple[int, Any]]:
-    """Yields (index, result-or-Failure) as results arrive (any order for ray, in order for
-    local); a tqdm progress bar over len(items) (on a terminal only)."""
+              desc: str = "images", stall_s: float = STALL_S) -> Iterator[tuple[int, Any]]:
+    """Yields (index, result-or-Failure) as results arrive (any order for ray and processes, in
+    order for local); a tqdm progress bar over len(items) (on a terminal only). ``stall_s``
+    (ray): how long to wait for a first actor before the items left fail."""
     if backend not in BACKENDS:
         raise NAFlowError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")
     if workers is not None and int(workers) < 1:
@@ -123,7 +124,7 @@ def run_tasks(task: Task, items: list, *, backend: str = "local", address: str |
         gen = _run_processes(task, items, stats, progress, desc)
     else:
         ray = import_ray()
-        gen = _run_ray(ray, task, items, address, workers, retries, stats, progress, desc)
+        gen = _run_ray(ray, task, items, address, workers, retries, stats, progress, desc, stall_s)
     return TaskRun(gen, stats)
 
 
@@ -311,7 +312,7 @@ def _init_ray(ray, address, workers) -> bool:
     return True
 
 
-def _run_ray(ray, task, items, address, workers, retries, stats, progress, desc):
+def _run_ray(ray, task, items, address, workers, retries, stats, progress, desc, stall_s):
     from ray.exceptions import RayError, RayTaskError
     try:
         started = _init_ray(ray, address, workers)
@@ -378,9 +379,9 @@ def _run_ray(ray, task, items, address, workers, retries, stats, progress, desc)
             if not ready:
                 live = [s for s in slots if not s.dead]
                 if live and not any(s.ready for s in live) and \
-                        time.monotonic() - min(s.born for s in live) > STALL_S:
+                        time.monotonic() - min(s.born for s in live) > stall_s:
                     for i in list(pending):
-                        yield i, Failure(i, items[i], f"no Ray worker started within {STALL_S:.0f} s "
+                        yield i, Failure(i, items[i], f"no Ray worker started within {stall_s:.0f} s "
                                          "(no free CPU in the cluster?)")
                         stats["failures"] += 1
                         done += 1
