@@ -193,15 +193,24 @@ def dense_jacobian(J: LinearMap, limit_bytes: int, where: str = "") -> torch.Ten
     return torch.stack(rows).double()
 
 
-def dense_solve(J: LinearMap, delta: torch.Tensor, damp: float, limit_bytes: int,
-                where: str = "", sigma: float | None = None) -> torch.Tensor:
-    """Reference: the damped pseudo-inverse from the explicit Jacobian (small maps only).
-    ``sigma`` (default: the exact largest singular value) scales the damping as in the solver."""
-    M = dense_jacobian(J, limit_bytes, where)
+def damped_pinv_factors(M: torch.Tensor, damp: float, sigma: float | None = None):
+    """The damped pseudo-inverse of a matrix as SVD factors: ``(Vh.T * inv) @ U.T`` is
+    ``(M^T M + lambda^2 I)^-1 M^T`` with ``lambda = damp * sigma`` (default sigma: the largest
+    singular value), singular values below ``s_max * max(shape) * eps(float32)`` dropped.
+    Returns ``(U, inv, Vh, s_max)``; the one home of the damped pinv (dense reference solves,
+    the 1x1-conv closed form)."""
     U, S, Vh = torch.linalg.svd(M, full_matrices=False)
     lam = damp * (sigma if sigma is not None else float(S[0])) if damp > 0 else 0.0
     cutoff = float(S[0]) * max(M.shape) * torch.finfo(torch.float32).eps
     inv = torch.where(S > cutoff, S / (S * S + lam * lam), torch.zeros_like(S))
+    return U, inv, Vh, float(S[0])
+
+
+def dense_solve(J: LinearMap, delta: torch.Tensor, damp: float, limit_bytes: int,
+                where: str = "", sigma: float | None = None) -> torch.Tensor:
+    """Reference: the damped pseudo-inverse from the explicit Jacobian (small maps only).
+    ``sigma`` (default: the exact largest singular value) scales the damping as in the solver."""
+    U, inv, Vh, _ = damped_pinv_factors(dense_jacobian(J, limit_bytes, where), damp, sigma)
     dx = Vh.T @ (inv * (U.T @ delta.reshape(-1).double()))
     return dx.reshape(J.x0.shape).to(J.x0.dtype)
 
