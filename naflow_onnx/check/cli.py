@@ -7,7 +7,6 @@ failed (bad configuration, model, baseline or image: one line on stderr), 130 in
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -73,7 +72,8 @@ def _cmd_check(args) -> int:
         raise
     code, report = result.code, result.report
     if args.json:
-        print(json.dumps(report, indent=2))
+        from .report import json_text
+        print(json_text(report))
         _print_summary(report, out, stream=sys.stderr)
     else:
         _print_summary(report, out)

@@ -37,8 +37,13 @@ def _clean(obj):
     return obj
 
 
+def json_text(report: dict) -> str:
+    """The report as strict JSON text (report.json, and `naflow check --json`)."""
+    return json.dumps(_clean(report), indent=2, allow_nan=False)
+
+
 def write_json(path: Path, report: dict) -> None:
-    path.write_text(json.dumps(_clean(report), indent=2, allow_nan=False) + "\n")
+    path.write_text(json_text(report) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -96,7 +96,8 @@ def _cmd_evaluate(args) -> int:
     if args.json:
         import json
         doc = ev.to_json()
-        print(json.dumps({k: doc[k] for k in ("model", "dataset", "images", "stages", "solver")}, indent=1))
+        print(json.dumps({k: doc[k] for k in ("model", "dataset", "images", "stages", "solver")}, indent=1,
+                         allow_nan=False))
     else:
         print(f"{ev.meta['model']['name']}: {len(ev.results)} images, {len(ev.tensors)} layers, "
               f"{len(ev.failures)} failed, {ev.meta['wall_seconds']:.0f} s -> {args.out}")
