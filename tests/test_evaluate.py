@@ -202,6 +202,18 @@ def test_pointing_game_recomputed_at_the_final_layer(plain_eval):
     assert binary >= 1         # at least one image decides by a unique maximum: 0 or 1
 
 
+def test_library_call_equals_the_command(plain_eval):
+    """evaluate.run with typed options (no argparse) scores what the command scored: the first two
+    images, Grad-CAM alone, equal the command's Grad-CAM rows."""
+    from naflow_onnx.evaluate import EvaluateOptions, run
+
+    _, _, npz = plain_eval
+    ev = run(str(PLAIN), EvaluateOptions(n=2, methods=("gradcam",), randomise_images=0))
+    assert [v.name for v in ev.variants] == ["gradcam"] and list(ev.tensors) == list(npz["tensors"])
+    v = list(npz["variants"]).index("gradcam")
+    np.testing.assert_array_equal(ev.scores[:, 0], npz["scores"][:2, v])
+
+
 def test_diverged_back_projection_is_an_error():
     """A non-finite BPFM (a diverged solve) is refused with a clear message, never drawn."""
     import torch
