@@ -102,6 +102,7 @@ def randomise_onnx(model, k: int, seed: int = 0, include_bias: bool = True, skip
     out.CopyFrom(model)
     nodes = weight_bearing_nodes(out)[max(int(skip), 0):max(int(skip), 0) + max(int(k), 0)]
     consts = _constant_sources(out)
+    taken = {t.name for t in out.graph.initializer} | {n for node in out.graph.node for n in node.output}
     new_inits = []
     for node_idx, node_name, slots in nodes:
         node = out.graph.node[node_idx]
@@ -111,7 +112,10 @@ def randomise_onnx(model, k: int, seed: int = 0, include_bias: bool = True, skip
             rng = np.random.default_rng([int(seed), int(node_idx), int(slot)])
             noise = rng.normal(0.0, std * scale, size=w.shape)
             new = (w + noise if additive else noise).astype(w.dtype)
-            name = f"naflow.random/{node_name}/{slot}"
+            name = base = f"naflow.random/{node_name}/{slot}"
+            while name in taken:          # a model randomised before (a tampered copy)
+                name = f"{base}#{len(taken)}"
+            taken.add(name)
             new_inits.append(numpy_helper.from_array(new, name))
             node.input[slot] = name
     out.graph.initializer.extend(new_inits)
