@@ -1,4 +1,6 @@
-"""``naflow evaluate`` on the command line; the work is ``evaluate.run``.
+"""``naflow evaluate`` on the command line (the work is ``evaluate.run``), and the benchmark's
+helper commands ``python -m naflow_onnx.evaluate.train`` / ``.compare`` (``train_main``,
+``compare_main``).
 
     naflow evaluate MODEL.onnx --out DIR [--dataset synthetic|photos|DATA.npz] [--n 200]
         [--methods naflow,reference,gradcam,layercam,gradxact] [--damps 0,0.01,...,inf]
@@ -9,8 +11,10 @@ See docs/evaluation.md for the benchmark and ``report`` for the files written.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
+from pathlib import Path
 
 from ..errors import NAFlowError
 from ..methods import METHODS
@@ -94,7 +98,6 @@ def _cmd_evaluate(args) -> int:
     with atomic_dir(args.out) as tmp:
         ev.write(tmp)
     if args.json:
-        import json
         doc = ev.to_json()
         print(json.dumps({k: doc[k] for k in ("model", "dataset", "images", "stages", "solver")}, indent=1,
                          allow_nan=False))
@@ -108,6 +111,77 @@ def _cmd_evaluate(args) -> int:
 def main(argv=None) -> int:
     from ..errors import run_command
     return run_command(_cmd_evaluate, build_parser().parse_args(argv))
+
+
+def compare_main(argv=None) -> int:
+    """``python -m naflow_onnx.evaluate.compare``: rank variants across evaluate outputs."""
+    from .compare import compare, markdown
+
+    p = argparse.ArgumentParser(prog="python -m naflow_onnx.evaluate.compare")
+    p.add_argument("outputs", nargs="+", help="folders written by naflow evaluate")
+    p.add_argument("--stage", default="all internal", help="early, middle, late, final or 'all internal'")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    docs = []
+    for o in args.outputs:
+        f = Path(o) / "evaluation.json"
+        if not f.is_file():
+            print(f"naflow: error: {f} not found", file=sys.stderr)
+            return 2
+        docs.append(json.loads(f.read_text()))
+    result = compare(docs, args.stage)
+    print(json.dumps(result, indent=1) if args.json else markdown(result))
+    return 0
+
+
+def train_main(argv=None) -> int:
+    """``python -m naflow_onnx.evaluate.train``: train (and export) the benchmark nets."""
+    from . import nets
+    from .train import DEFAULTS, EPOCHS, _atomic_write, train
+
+    from . import train as train_mod
+    ap = argparse.ArgumentParser(description=train_mod.__doc__.split("\n\n")[0])
+    g = ap.add_mutually_exclusive_group(required=True)
+    g.add_argument("--arch", choices=nets.ARCHS)
+    g.add_argument("--all", action="store_true", help="train the four architectures")
+    ap.add_argument("--out", type=Path, help="ONNX output (default: <out-dir>/synth_<arch>.onnx)")
+    ap.add_argument("--out-dir", type=Path, default=Path("models"))
+    ap.add_argument("--no-export", action="store_true")
+    ap.add_argument("--n-train", type=int, default=DEFAULTS["n_train"])
+    ap.add_argument("--n-test", type=int, default=DEFAULTS["n_test"])
+    ap.add_argument("--epochs", type=int, default=None,
+                    help="epochs for every arch (default per arch: %s)" % EPOCHS)
+    ap.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
+    ap.add_argument("--lr", type=float, default=DEFAULTS["lr"])
+    ap.add_argument("--weight-decay", type=float, default=DEFAULTS["weight_decay"])
+    ap.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="torch seed (init, batches)")
+    ap.add_argument("--train-seed", type=int, default=DEFAULTS["train_seed"])
+    ap.add_argument("--test-seed", type=int, default=DEFAULTS["test_seed"])
+    ap.add_argument("--threads", type=int, default=DEFAULTS["threads"])
+    ap.add_argument("--size", type=int, default=96)
+    ap.add_argument("--cache-dir", type=Path, default=None, help="cache generated data sets here (.npz)")
+    ap.add_argument("--report", type=Path, default=None, help="write the summaries as JSON here")
+    ap.add_argument("--min-acc", type=float, default=0.95, help="exit 1 if a test accuracy is lower")
+    a = ap.parse_args(argv)
+    if a.all and a.out is not None:
+        ap.error("--out names one file; use --out-dir with --all")
+    archs = list(nets.ARCHS) if a.all else [a.arch]
+    summaries = []
+    for arch in archs:
+        out = None if a.no_export else (a.out or a.out_dir / f"synth_{arch}.onnx")
+        epochs = a.epochs if a.epochs is not None else EPOCHS[arch]
+        s = train(arch, out, a.n_train, a.n_test, epochs, a.batch_size, a.lr, a.weight_decay, a.seed,
+                  a.train_seed, a.test_seed, a.threads, a.size, a.cache_dir,
+                  log=lambda m: print(m, file=sys.stderr, flush=True))
+        print(json.dumps({k: v for k, v in s.items() if k != "history"}), flush=True)
+        summaries.append(s)
+    if a.report is not None:
+        _atomic_write(a.report, json.dumps(summaries, indent=1).encode())
+    bad = [s["arch"] for s in summaries if s["test_acc"] < a.min_acc]
+    if bad:
+        print(f"test accuracy below {a.min_acc}: {bad}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
