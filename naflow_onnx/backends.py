@@ -1,4 +1,6 @@
-"""Run one per-image task over many items on a backend: in this process, or on Ray actors.
+"""Run one per-image task over many items on a backend: in this process, in worker processes,
+or on Ray actors. Every command that runs work per image (analyze, check, baseline, evaluate)
+goes through ``run_tasks``.
 
 A ``Task`` is a small picklable object (paths and options, never a session). ``setup()`` runs
 once per worker (load the model: graph analysis, onnxruntime session); ``task(item)`` turns one
@@ -8,6 +10,11 @@ item whose call raised yields a ``Failure`` instead and the run goes on.
 Backends:
 
 ``local``  ``setup()`` once in this process, then every item in order.
+``processes`` ``workers`` (default: the CPU count) spawned processes on this machine, each running
+           ``setup()`` once; results in completion order. Every worker watches its parent and
+           exits when it dies (a killed command leaves nothing computing on). A worker that dies
+           (out of memory) fails the items not yet done with one line; a ``setup()`` that raises
+           stops the run with ``NAFlowError``.
 ``ray``    ``ray.init(address=...)``, or a new local Ray instance when ``address`` is None
            (``num_cpus = workers``). ``workers`` actors (default: the cluster's CPUs; one CPU
            each, spread over the nodes) each run ``setup()`` once; items are handed to the
@@ -35,10 +42,10 @@ from typing import Any
 
 from .errors import NAFlowError
 
-BACKENDS = ("local", "ray")
+BACKENDS = ("local", "processes", "ray")
 IN_FLIGHT_PER_WORKER = 2
-# how long the run waits for a first worker to be started (no free CPU in the cluster?)
-STALL_S = float(os.environ.get("NAFLOW_RAY_STALL_S", "600"))
+# how long a ray run waits for a first worker to be started (no free CPU in the cluster?)
+STALL_S = 600.0
 
 
 class Task:
@@ -95,9 +102,10 @@ class TaskRun(Iterator):
 
 def run_tasks(task: Task, items: list, *, backend: str = "local", address: str | None = None,
               workers: int | None = None, retries: int = 2, progress: bool = True,
-              desc: str = "images") -> Iterator[tuple[int, Any]]:
-    """Yields (index, result-or-Failure) as results arrive (any order for ray, in order for
-    local); a tqdm progress bar over len(items) (on a terminal only)."""
+              desc: str = "images", stall_s: float = STALL_S) -> Iterator[tuple[int, Any]]:
+    """Yields (index, result-or-Failure) as results arrive (any order for ray and processes, in
+    order for local); a tqdm progress bar over len(items) (on a terminal only). ``stall_s``
+    (ray): how long to wait for a first actor before the items left fail."""
     if backend not in BACKENDS:
         raise NAFlowError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")
     if workers is not None and int(workers) < 1:
@@ -107,14 +115,29 @@ def run_tasks(task: Task, items: list, *, backend: str = "local", address: str |
     items = list(items)
     stats = {"backend": backend, "address": address, "workers": 1 if backend == "local" else workers,
              "worker_deaths": 0, "resubmitted": 0, "failures": 0}
+    if backend != "ray" and address is not None:
+        raise NAFlowError("--address needs --backend ray")
     if backend == "local":
-        if address is not None:
-            raise NAFlowError("--address needs --backend ray")
         gen = _run_local(task, items, stats, progress, desc)
+    elif backend == "processes":
+        stats["workers"] = max(1, min(int(workers or os.cpu_count() or 1), len(items)))
+        gen = _run_processes(task, items, stats, progress, desc)
     else:
         ray = import_ray()
-        gen = _run_ray(ray, task, items, address, workers, retries, stats, progress, desc)
+        gen = _run_ray(ray, task, items, address, workers, retries, stats, progress, desc, stall_s)
     return TaskRun(gen, stats)
+
+
+def check_backend_options(backend: str, address: str | None, workers: int | None) -> None:
+    """--address belongs to --backend ray, --workers to processes or ray."""
+    if backend not in BACKENDS:
+        raise NAFlowError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")
+    if backend != "ray" and address:
+        raise NAFlowError("--address needs --backend ray")
+    if backend == "local" and workers is not None:
+        raise NAFlowError("--workers needs --backend ray (or processes)")
+    if workers is not None and int(workers) < 1:
+        raise NAFlowError(f"--workers must be >= 1, got {workers}")
 
 
 def import_ray():
@@ -145,6 +168,79 @@ def _run_local(task, items, stats, progress, desc):
             yield i, result
     finally:
         bar.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# processes
+
+_PROCESS_TASK: dict = {}
+
+
+def _exit_with_parent() -> None:
+    """In a worker: exit as soon as the parent process is gone (killed or crashed). A daemon
+    thread blocks on the parent's sentinel (a pipe that closes when the parent exits): no
+    polling, and it works while the main thread computes."""
+    import multiprocessing
+    import threading
+    from multiprocessing.connection import wait
+
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch():
+        wait([parent.sentinel])
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True, name="naflow-parent-watch").start()
+
+
+def _process_init(task: Task) -> None:
+    _exit_with_parent()
+    try:
+        task.setup()
+    except Exception as exc:  # noqa: BLE001 - reported with the first item, stops the run
+        _PROCESS_TASK["error"] = one_line(exc)
+    _PROCESS_TASK["task"] = task
+
+
+def _process_call(item):
+    if "error" in _PROCESS_TASK:
+        return "setup", _PROCESS_TASK["error"]
+    try:
+        return "ok", _PROCESS_TASK["task"](item)
+    except Exception as exc:  # noqa: BLE001 - the item fails, the run goes on
+        return "fail", one_line(exc)
+
+
+def _run_processes(task, items, stats, progress, desc):
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    if not items:
+        return
+    pool = ProcessPoolExecutor(stats["workers"], mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_process_init, initargs=(task,))
+    bar = _bar(len(items), progress, desc)
+    try:
+        futures = {pool.submit(_process_call, item): i for i, item in enumerate(items)}
+        for fut in as_completed(futures):
+            i = futures[fut]
+            try:
+                status, value = fut.result()
+            except BrokenProcessPool:
+                stats["worker_deaths"] = max(1, stats["worker_deaths"])
+                status, value = "fail", "a worker process died (out of memory?); try fewer workers"
+            if status == "setup":
+                raise NAFlowError(f"worker set-up failed: {value}")
+            if status == "fail":
+                value = Failure(i, items[i], value)
+                stats["failures"] += 1
+            bar.update(1)
+            yield i, value
+    finally:
+        bar.close()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -216,7 +312,7 @@ def _init_ray(ray, address, workers) -> bool:
     return True
 
 
-def _run_ray(ray, task, items, address, workers, retries, stats, progress, desc):
+def _run_ray(ray, task, items, address, workers, retries, stats, progress, desc, stall_s):
     from ray.exceptions import RayError, RayTaskError
     try:
         started = _init_ray(ray, address, workers)
@@ -283,9 +379,9 @@ def _run_ray(ray, task, items, address, workers, retries, stats, progress, desc)
             if not ready:
                 live = [s for s in slots if not s.dead]
                 if live and not any(s.ready for s in live) and \
-                        time.monotonic() - min(s.born for s in live) > STALL_S:
+                        time.monotonic() - min(s.born for s in live) > stall_s:
                     for i in list(pending):
-                        yield i, Failure(i, items[i], f"no Ray worker started within {STALL_S:.0f} s "
+                        yield i, Failure(i, items[i], f"no Ray worker started within {stall_s:.0f} s "
                                          "(no free CPU in the cluster?)")
                         stats["failures"] += 1
                         done += 1

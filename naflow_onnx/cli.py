@@ -56,10 +56,13 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 def add_backend_options(p: argparse.ArgumentParser, resume_help: str | None = None) -> None:
     """--backend, --address, --workers (and --resume): naflow_onnx.backends, docs/ray.md."""
     g = p.add_argument_group("backend (docs/ray.md)")
-    g.add_argument("--backend", choices=["local", "ray"], default="local",
-                   help="local: this process (default); ray: Ray actors, one model each")
+    from .backends import BACKENDS
+    g.add_argument("--backend", choices=BACKENDS, default="local",
+                   help="local: this process (default); processes: worker processes on this "
+                        "machine; ray: Ray actors; each worker loads the model once")
     g.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
-    g.add_argument("--workers", type=int, help="Ray actors (default: the cluster's CPUs)")
+    g.add_argument("--workers", type=int, help="worker processes or Ray actors (default: the CPUs "
+                   "of this machine or of the cluster)")
     if resume_help:
         g.add_argument("--resume", action="store_true", help=resume_help)
 
@@ -93,47 +96,14 @@ def _summary(flow, folder: Path) -> dict:
                            if t.get("kind") == "similarity" else None)}
 
 
-SIMILARITY_OPTIONS = ("reference", "support", "gallery", "prototypes")
-
-
-def similarity_flows(analyzer, image, args, progress=None):
-    """Query and reference flows of a similarity decision (METHOD.md §6, paper Fig. 10-12)."""
-    from .errors import TargetError
-    from .similarity import image_files, load_prototypes, rank
-    mode = next(k for k in SIMILARITY_OPTIONS if getattr(args, k))
-    query = analyzer.embed(image)
-    ranking, ref_image, ref_vec = None, None, None
-    if mode == "reference":
-        ref_image = Path(args.reference)
-        ref_vec, chosen = analyzer.embed(ref_image), ref_image.name
-    else:
-        if mode == "prototypes":
-            candidates = load_prototypes(args.prototypes)
-            files = {}
-        else:
-            paths = image_files(getattr(args, mode))
-            key = (lambda p: p.stem) if mode == "support" else (lambda p: p.name)
-            files = {key(p): p for p in paths}
-            candidates = {k: analyzer.embed(p) for k, p in files.items()}
-        ranking = rank(query, candidates)
-        chosen = ranking[0]["name"]
-        if args.target not in (None, "top1"):
-            if args.target not in candidates:
-                raise TargetError(f"target '{args.target}' is not among the {mode} classes "
-                                  f"({', '.join(sorted(candidates)[:8])}...)")
-            chosen = args.target
-        ref_vec, ref_image = candidates[chosen], files.get(chosen)
-    details = {"mode": mode, "prediction": ranking[0]["name"] if ranking else chosen,
-               "reference": chosen, "ranking": ranking[: args.top_k] if ranking else None}
-    objective = analyzer.similarity_objective(ref_vec, description=str(chosen), **details)
-    flow = analyzer.analyze(image, method=args.method, compare=args.compare, layers=args.layers,
-                            objective=objective, progress=progress)
-    partner = None
-    if ref_image is not None:
-        back = analyzer.similarity_objective(query, description=f"query {Path(image).name}",
-                                             mode=mode, side="reference")
-        partner = analyzer.analyze(ref_image, method=args.method, layers=args.layers, objective=back)
-    return flow, partner
+def _similarity_target(args):
+    """--reference / --support / --gallery / --prototypes (at most one) as the library's
+    SimilarityTarget, or None for a class target."""
+    from .similarity import SIMILARITY_MODES, SimilarityTarget
+    mode = next((k for k in SIMILARITY_MODES if getattr(args, k, None)), None)
+    if mode is None:
+        return None
+    return SimilarityTarget(mode, getattr(args, mode), target=args.target, top_k=args.top_k)
 
 
 # run-level options of `analyze`: they do not change any result (not part of the resume key)
@@ -142,14 +112,9 @@ RUN_OPTIONS = ("out", "json", "quiet", "threads", "backend", "address", "workers
 
 
 def check_backend_args(args) -> None:
-    """--address and --workers belong to --backend ray."""
-    if args.backend != "ray":
-        if args.address:
-            raise NAFlowError("--address needs --backend ray")
-        if args.workers is not None:
-            raise NAFlowError("--workers needs --backend ray")
-    if args.workers is not None and args.workers < 1:
-        raise NAFlowError(f"--workers must be >= 1, got {args.workers}")
+    """--address belongs to --backend ray, --workers to processes or ray."""
+    from .backends import check_backend_options
+    check_backend_options(args.backend, args.address, args.workers)
 
 
 class AnalyzeTask:
@@ -192,14 +157,18 @@ class AnalyzeTask:
 
         from .io import write_flow_files
         from . import testhooks
+        from .similarity import similarity_flows
         image, name = item
         testhooks.reached("analyze.image")
         args = argparse.Namespace(**self.options)
         with tqdm(total=None, desc=f"segments ({Path(image).name})", leave=False, unit="seg",
                   disable=None if self.segments_bar else True) as bar:
             partner = None
-            if any(getattr(args, k) for k in SIMILARITY_OPTIONS):
-                flow, partner = similarity_flows(self.analyzer, image, args, bar.update)
+            similarity = _similarity_target(args)
+            if similarity is not None:
+                flow, partner = similarity_flows(self.analyzer, image, similarity, method=args.method,
+                                                 compare=args.compare, layers=args.layers,
+                                                 progress=bar.update)
             else:
                 flow = self.analyzer.analyze(image, target=args.target, method=args.method,
                                              compare=args.compare, layers=args.layers,
@@ -331,7 +300,6 @@ def is_onnx_model(path) -> bool:
 def cmd_export(args) -> int:
     from .io import check_output_file
     check_output_file(args.o, "output model", is_onnx_model)    # before any work
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from exporters.torch_export import export, load_factory, load_weights
     preprocess, labels, outputs, embedding, shape = args.preprocess, args.labels, None, None, None
     if args.model:
@@ -368,7 +336,6 @@ def cmd_export(args) -> int:
 
 
 def cmd_models(args) -> int:
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from models.registry import MODELS
     rows = []
     for name, spec in MODELS.items():
@@ -452,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
             ("check", "check", "main_check", "gate a model on its attention over a set of images (docs/check.md)"),
             ("baseline", "check", "main_baseline", "record a trusted model's maps for `naflow check --baseline`"),
             ("gallery", "gallery", "main", "export and analyse every registry model (docs/gallery.md)"),
-            ("evaluate", "evaluate.run", "main", "faithfulness and localisation of every layer's map, per method (docs/evaluation.md)")):
+            ("evaluate", "evaluate.cli", "main", "faithfulness and localisation of every layer's map, per method (docs/evaluation.md)")):
         c = sub.add_parser(name, help=text, add_help=False, prefix_chars="\0")
         c.add_argument("argv", nargs=argparse.REMAINDER)
         c.set_defaults(func=_delegate(module, function))

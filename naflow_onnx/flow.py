@@ -14,6 +14,7 @@ evaluate do; docs/architecture.md):
 """
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -30,13 +31,16 @@ from .forward import parity, run_graph
 from .graph import DEFAULT_MAX_BYTES, ModelGraph, Plan, embedding_tensor, load_model, plan
 from .importance import class_objective, importance, resolve_class, scores_of
 from .similarity import SimilarityObjective
-from .methods import METHODS, NEEDS_BPFM, layer_map, resize_map
+from .methods import METHODS, NEEDS_BPFM, layer_map, resize_normalised
 from .rules.backproject import backproject, refusals
-from .rules.solver import SolverOptions
+from .rules.solver import DEFAULT_DAMP, SolverOptions
 
-DEFAULT_DAMP = 1.0   # chosen by the evaluation benchmark (docs/method.md "Damping default")
 SCHEMA_VERSION = 1
 COVERAGE_WARN = 0.9  # warn when fewer spatial conv outputs than this share get a map
+# flow.json's keys that to_json writes from the fields (the rest is ``extra``)
+_JSON_KEYS = ("schema", "schema_version", "model", "input", "preprocess", "target", "method",
+              "compare", "options", "parity", "timings", "final_layer", "solver_summary", "layers",
+              "skipped", "coverage")
 
 
 @dataclass
@@ -88,7 +92,7 @@ class Flow:
     def resized(self, name: str, compare: bool = False) -> np.ndarray:
         """The map of layer ``name`` at the image size, min-max normalised to [0, 1]."""
         m = (self.compare_maps if compare else self.maps)[name]
-        return resize_map(m, self.image.shape[:2])
+        return resize_normalised(m, self.image.shape[:2])
 
     def solver_summary(self) -> dict:
         return solver_summary(layer.solver for layer in self.layers)
@@ -106,6 +110,25 @@ class Flow:
             "coverage": self.coverage,
             **self.extra,
         }
+
+    @classmethod
+    def from_json(cls, doc: dict, maps: dict[str, np.ndarray], image: np.ndarray,
+                  compare_maps: dict[str, np.ndarray] | None = None) -> "Flow":
+        """The inverse of ``to_json`` (flow.json's content, read back as strict JSON: a damping
+        written "inf" is a float again) with the maps and the network-input view; without
+        ``tensors`` and the per-tensor parity, which flow.json does not hold."""
+        def number(v):
+            return math.inf if v == "inf" else v
+        layers = [Layer(**{**d, "solver": {**d["solver"], "damp": number(d["solver"].get("damp"))}
+                           if d.get("solver") and "damp" in d["solver"] else d.get("solver")})
+                  for d in doc["layers"]]
+        options = {**doc["options"], "damp": number(doc["options"].get("damp"))}
+        return cls(model=doc["model"], input=doc["input"], preprocess=doc["preprocess"],
+                   target=doc["target"], method=doc["method"], layers=layers, maps=maps,
+                   image=image, parity=doc["parity"], timings=doc["timings"], options=options,
+                   skipped={r["tensor"]: r["reason"] for r in doc.get("skipped", [])},
+                   coverage=doc.get("coverage", {}), compare=doc.get("compare"), compare_maps=compare_maps or {},
+                   extra={k: v for k, v in doc.items() if k not in _JSON_KEYS})
 
     def plot(self, max_columns: int = 12, partner: "Flow | None" = None):
         """The flow strip; ``partner`` (the reference side of a similarity pair) adds its rows."""
@@ -233,7 +256,8 @@ class Analyzer:
                  damp: float = DEFAULT_DAMP, conv_inverse: str = "lsq", tol: float = 1e-4,
                  max_iter: int = 2000, parity_tol: float = 1e-3, labels=None,
                  output: str | None = None, embedding_output: str | None = None,
-                 max_model_bytes: int = DEFAULT_MAX_BYTES, max_image_pixels: int | None = None):
+                 max_model_bytes: int = DEFAULT_MAX_BYTES, max_image_pixels: int | None = None,
+                 reference_solver: bool = False):
         if conv_inverse not in ("lsq", "paper"):
             raise NAFlowError(f"--conv-inverse must be 'lsq' or 'paper', not '{conv_inverse}'")
         if damp < 0:
@@ -250,7 +274,7 @@ class Analyzer:
         self.labels = labels_mod.load_labels(labels) if labels else labels_mod.from_metadata(
             self.graph.metadata)
         self.opts = SolverOptions(damp=float(damp), tol=tol, max_iter=max_iter,
-                                  conv_inverse=conv_inverse)
+                                  conv_inverse=conv_inverse, reference=reference_solver)
         self.parity_tol = parity_tol
         self.max_image_pixels = max_image_pixels        # None: preprocess.DEFAULT_MAX_IMAGE_PIXELS
         self._plans: dict[tuple, Plan] = {}
@@ -275,8 +299,13 @@ class Analyzer:
 
     def _need_embedding(self) -> str:
         if self.embedding_name is None:
-            raise NAFlowError("this model declares no embedding output: give --embedding-output "
-                              "NAME (a model output or tensor holding the embedding)")
+            outputs = [o.name for o in self.graph.model.graph.output]
+            if len(outputs) != 1:
+                raise NAFlowError(f"this model declares no embedding output and has {len(outputs)} "
+                                  "outputs: give --embedding-output NAME (a model output or tensor "
+                                  "holding the embedding)")
+            # one output and no metadata: that output can only be the embedding
+            self.embedding_name = embedding_tensor(self.graph, outputs[0])
         return self.embedding_name
 
     def embed(self, image) -> np.ndarray:

@@ -102,3 +102,65 @@ def rank(query: np.ndarray, candidates: dict[str, np.ndarray]) -> list[dict]:
     """Candidates sorted by cosine similarity to the query, best first."""
     rows = [{"name": k, "cosine": cosine(query, v)} for k, v in candidates.items()]
     return sorted(rows, key=lambda r: -r["cosine"])
+
+
+SIMILARITY_MODES = ("reference", "support", "gallery", "prototypes")
+
+
+@dataclass
+class SimilarityTarget:
+    """What a similarity decision is explained against: ``mode`` ``reference`` (``source``: one
+    image), ``support`` (a folder of one image per class, file stem = class), ``gallery`` (a
+    folder of images; the top-1 match) or ``prototypes`` (an .npz of class embeddings);
+    ``target`` names a class of support/gallery/prototypes instead of the top-1 (None or
+    "top1"); ``top_k``: the ranking length recorded."""
+
+    mode: str
+    source: str | Path
+    target: str | None = None
+    top_k: int = 5
+
+    def __post_init__(self):
+        if self.mode not in SIMILARITY_MODES:
+            raise NAFlowError(f"unknown similarity mode '{self.mode}' (choose from "
+                              f"{', '.join(SIMILARITY_MODES)})")
+
+
+def similarity_flows(analyzer, image, similarity: SimilarityTarget, method: str = "naflow",
+                     compare: str | None = None, layers: str | None = None, progress=None):
+    """Query and reference flows of a similarity decision (METHOD.md §6, paper Fig. 10-12):
+    ``(flow of image, flow of the reference image or None for a prototype)``."""
+    mode, source = similarity.mode, similarity.source
+    query = analyzer.embed(image)
+    ranking, ref_image, ref_vec = None, None, None
+    if mode == "reference":
+        ref_image = Path(source)
+        ref_vec, chosen = analyzer.embed(ref_image), ref_image.name
+    else:
+        if mode == "prototypes":
+            candidates = load_prototypes(source)
+            files = {}
+        else:
+            paths = image_files(source)
+            key = (lambda p: p.stem) if mode == "support" else (lambda p: p.name)
+            files = {key(p): p for p in paths}
+            candidates = {k: analyzer.embed(p) for k, p in files.items()}
+        ranking = rank(query, candidates)
+        chosen = ranking[0]["name"]
+        if similarity.target not in (None, "top1"):
+            if similarity.target not in candidates:
+                raise TargetError(f"target '{similarity.target}' is not among the {mode} classes "
+                                  f"({', '.join(sorted(candidates)[:8])}...)")
+            chosen = similarity.target
+        ref_vec, ref_image = candidates[chosen], files.get(chosen)
+    details = {"mode": mode, "prediction": ranking[0]["name"] if ranking else chosen,
+               "reference": chosen, "ranking": ranking[: similarity.top_k] if ranking else None}
+    objective = analyzer.similarity_objective(ref_vec, description=str(chosen), **details)
+    flow = analyzer.analyze(image, method=method, compare=compare, layers=layers,
+                            objective=objective, progress=progress)
+    partner = None
+    if ref_image is not None:
+        back = analyzer.similarity_objective(query, description=f"query {Path(image).name}",
+                                             mode=mode, side="reference")
+        partner = analyzer.analyze(ref_image, method=method, layers=layers, objective=back)
+    return flow, partner

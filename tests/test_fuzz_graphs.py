@@ -132,29 +132,29 @@ def test_random_cnns_hold_the_properties(spec, seed, keep_bn, size):
         path_copy = onnx.load(path)
     t = flow.tensors
     assert flow.parity["max_relative_error"] < 1e-4
-    assert len(flow.layers) == len(t["plan"].features) >= 1
+    assert len(flow.layers) == len(t.plan.features) >= 1
     assert flow.solver_summary()["all_converged"], flow.solver_summary()
     # §8.1 (premise: a global-average-pool + linear head on the final tensor; a random net may
     # pool the final tensor to 1x1 first, then the final tensor is the one before that pool):
     # the final map is Grad-CAM's (compared before the ReLU, scaled by the largest value)
     final = flow.final_layer
-    lam, A = t["Lambda"][final], t["A"][final]
+    lam, A = t.Lambda[final], t.A[final]
     head = [n.op_type for n in path_copy.graph.node if final in n.input]
     if head in (["GlobalAveragePool"], ["ReduceMean"]):
-        ours = (lam * t["BPFM"][final]).sum(1)
+        ours = (lam * t.BPFM[final]).sum(1)
         gradcam = (lam.mean((2, 3), keepdim=True) * A).sum(1)
         scale = float(gradcam.abs().max()) or 1.0
         assert float((ours - gradcam).abs().max()) <= 1e-4 * scale
     # §8.3: abandonment is exact
-    for name, bpfm in t["BPFM"].items():
+    for name, bpfm in t.BPFM.items():
         if name != final:
-            assert torch.all(bpfm[t["Lambda"][name] == 0] == 0), name
+            assert torch.all(bpfm[t.Lambda[name] == 0] == 0), name
     # §8.6: Lambda equals the torch model's own gradients where activations match
     matched = 0
     for act, grad in reference_grads(model, image, flow.target["index"]):
-        for name in t["plan"].features:
-            if t["A"][name].shape == act.shape and torch.allclose(t["A"][name], act, rtol=1e-4, atol=1e-5):
-                torch.testing.assert_close(t["Lambda"][name], grad, rtol=1e-3, atol=1e-6)
+        for name in t.plan.features:
+            if t.A[name].shape == act.shape and torch.allclose(t.A[name], act, rtol=1e-4, atol=1e-5):
+                torch.testing.assert_close(t.Lambda[name], grad, rtol=1e-3, atol=1e-6)
                 matched += 1
                 break
     assert matched >= 1

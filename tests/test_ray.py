@@ -281,19 +281,15 @@ def comparable(report: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def local_report(dataset, tmp_path_factory, monkeypatch_module):
-    monkeypatch_module.setenv("NAFLOW_CHECK_MEMO", "0")
+def local_report(dataset, tmp_path_factory):
+    """The same check in this process, computed afresh (the library call, memo off)."""
+    from naflow_onnx.check import CheckOptions, run
     out = tmp_path_factory.mktemp("local") / "report"
-    code, report = run_check(dataset, out)
+    result = run(dataset["model"], dataset["config"], options=CheckOptions(memo=False))
+    result.write(out)
+    report = json.loads((out / "report.json").read_text())
     assert report["summary"]["images"] == N_IMAGES and report["summary"]["errors"] == 0
-    return code, report
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    mp = pytest.MonkeyPatch()
-    yield mp
-    mp.undo()
+    return result.code, report
 
 
 def test_check_on_ray_survives_a_killed_worker_node(cluster, dataset, local_report, tmp_path):

@@ -120,6 +120,36 @@ def embedding_folders(tmp_path_factory, images, embedders):
     return root, support, query
 
 
+def test_single_output_without_metadata_is_the_embedding(embedders, embedding_folders, workdir, tmp_path):
+    """An embedding model with one output and no naflow.embedding_output: that output is the
+    embedding (it used to be refused); the same target and maps as with the metadata. A model
+    with two outputs and no metadata is still refused with one line."""
+    root, support, query = embedding_folders
+    bare = workdir / "embedder_bare.onnx"
+    export(Embedder(1.0), bare, (1, 3, 32, 32), preprocess="none", output_names=["embedding"])
+    assert nf.Analyzer(bare).graph.metadata.get("naflow.embedding_output") is None
+    flows = {}
+    for name, path in (("bare", bare), ("declared", embedders[1.0])):
+        out = tmp_path / name
+        assert main(["analyze", str(path), str(query), "--out", str(out), "--reference",
+                     str(support / "cup.png"), "--quiet"]) == 0
+        flows[name] = (json.loads((out / "flow.json").read_text()), dict(np.load(out / "maps.npz")))
+    (bj, bm), (dj, dm) = flows["bare"], flows["declared"]
+    assert bj["target"]["kind"] == "similarity" and bj["target"]["omega"] == dj["target"]["omega"]
+    assert bm.keys() == dm.keys()
+    for k in bm:
+        np.testing.assert_array_equal(bm[k], dm[k])
+    two = workdir / "embedder_two_outputs.onnx"
+
+    class TwoOutputs(Embedder):
+        def forward(self, x):
+            e = super().forward(x)
+            return e, e * 2
+    export(TwoOutputs(1.0), two, (1, 3, 32, 32), preprocess="none", output_names=["a", "b"])
+    with pytest.raises(nf.NAFlowError, match="declares no embedding output and has 2 outputs"):
+        nf.Analyzer(two).embed(query)
+
+
 @pytest.mark.parametrize("kind", ["reference", "support", "gallery", "prototypes"])
 def test_every_target_kind_through_the_cli(embedders, embedding_folders, tmp_path, kind):
     root, support, query = embedding_folders

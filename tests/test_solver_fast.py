@@ -1,7 +1,7 @@
 """The solver's fast paths (issue 6) compute the same linear maps and the same solutions as the
 plain ones: the once-linearised segment map against torch.func on the whole segment, the conv
 adjoints against conv2d_input, per-channel CGLS against the dense damped pseudo-inverse, and a
-whole MobileNetV2-like flow against ``NAFLOW_SOLVER=reference``."""
+whole MobileNetV2-like flow against ``Analyzer(reference_solver=True)``."""
 from __future__ import annotations
 
 import numpy as np
@@ -125,15 +125,15 @@ def test_per_channel_cgls_matches_dense(stride, damp):
     assert _rel(x_hat - x0, dx) < 1e-4
 
 
-def test_fast_flow_equals_reference(small_models, small_image, monkeypatch):
+def test_fast_flow_equals_reference(small_models, small_image):
     """The whole flow of the small residual and gated nets: fast path against the reference path
     (torch.func on whole segments, one CG per conv), equal to within the solver tolerance."""
     for name in ("residual", "gated"):
         path = small_models[name][1]
         flows = {}
         for mode in ("reference", "fast"):
-            monkeypatch.setenv("NAFLOW_SOLVER", mode)
-            flows[mode] = nf.Analyzer(path, damp=0.3, tol=1e-6).analyze(small_image, keep_tensors=True)
+            flows[mode] = nf.Analyzer(path, damp=0.3, tol=1e-6, reference_solver=mode == "reference") \
+                .analyze(small_image, keep_tensors=True)
         ref, fast = flows["reference"], flows["fast"]
         assert fast.solver_summary()["all_converged"]
         for layer in ref.layers:

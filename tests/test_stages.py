@@ -68,3 +68,27 @@ def test_one_call_analyze_keeps_tensors(small_models, small_image):
     np.testing.assert_allclose(flow.maps[final], expected, rtol=1e-6)
     assert nf.analyze(small_models["chain"][1], small_image).tensors is None
 
+
+
+def test_flow_json_round_trip_is_strict_json(small_models, small_image, tmp_path):
+    """Flow.from_json reads back what to_json wrote, through the check's flow cache files; the
+    JSON is strict at t = inf (it used to hold the non-JSON token Infinity)."""
+    import json
+    import math
+
+    from naflow_onnx.check.run import flow_files, flow_from_files
+
+    flow = nf.Analyzer(small_models["gated"][1], damp=math.inf).analyze(small_image, compare="gradcam")
+    files = flow_files(flow)
+
+    def refuse(token):
+        raise AssertionError(f"non-strict JSON token {token}")
+    doc = json.loads(files["flow.json"], parse_constant=refuse)
+    assert doc["options"]["damp"] == "inf"
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    back = flow_from_files(tmp_path)
+    assert back.options["damp"] == math.inf and back.to_json() == flow.to_json()
+    for a, b in ((back.maps, flow.maps), (back.compare_maps, flow.compare_maps)):
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    np.testing.assert_array_equal(back.image, flow.image)

@@ -1,5 +1,6 @@
 """Make the 'corrupted late layer' copy of a model for the worked example (docs/check.md):
-the weights of its last convolution are redrawn at random (same mean and std, seed 0).
+the weights of its last convolution are redrawn at random (N(0, their std), seed 0;
+naflow_onnx.randomise).
 
     python examples/check/tamper.py mobilenet_v2.onnx mobilenet_v2_tampered.onnx
 """

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import stats
+from ..methods import resize
 from ..errors import NAFlowError
 
 BASELINE_SCHEMA = "naflow-onnx/baseline"
@@ -37,50 +39,20 @@ def file_sha256(path) -> str:
 
 
 def pearson(a: np.ndarray, b: np.ndarray) -> float:
-    """Pearson correlation of two equally shaped maps (float64). A constant map has no direction:
-    two constant maps correlate 1 when equal and 0 otherwise; one constant map correlates 0."""
-    a = np.asarray(a, np.float64).ravel()
-    b = np.asarray(b, np.float64).ravel()
-    da, db = a - a.mean(), b - b.mean()
-    na, nb = float(np.sqrt((da * da).sum())), float(np.sqrt((db * db).sum()))
-    scale_a = max(float(np.abs(a).max(initial=0.0)), 1e-30) * 1e-9 * np.sqrt(a.size)
-    scale_b = max(float(np.abs(b).max(initial=0.0)), 1e-30) * 1e-9 * np.sqrt(b.size)
-    const_a, const_b = na <= scale_a, nb <= scale_b
-    if const_a and const_b:
-        return 1.0 if np.allclose(a, b) else 0.0
-    if const_a or const_b:
-        return 0.0
-    return float(np.clip((da * db).sum() / (na * nb), -1.0, 1.0))
-
-
-def rankdata(x: np.ndarray) -> np.ndarray:
-    """Ranks 1..n with ties given their average rank (as scipy.stats.rankdata)."""
-    x = np.asarray(x, np.float64).ravel()
-    order = np.argsort(x, kind="mergesort")
-    xs = x[order]
-    ranks = np.empty(x.size, np.float64)
-    starts = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]])
-    ends = np.r_[starts[1:], x.size]
-    for s, e in zip(starts, ends):
-        ranks[order[s:e]] = (s + e + 1) / 2.0
-    return ranks
+    """Pearson correlation of two equally shaped maps for a gate (``stats.pearson``; a constant
+    map has no direction: two constant maps correlate 1 when equal and 0 otherwise; one
+    constant map correlates 0)."""
+    return stats.gate_correlation(stats.pearson(a, b), a, b)
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman rank correlation (Pearson of average ranks; constant maps as in ``pearson``)."""
-    return pearson(rankdata(a), rankdata(b))
+    """Spearman rank correlation for a gate: ``pearson`` of the average ranks (two constant maps
+    have equal ranks: 1)."""
+    return pearson(stats.rankdata(a), stats.rankdata(b))
 
 
 # ------------------------------------------------------------------------------------------------
 # maps
-
-
-def upsample(m: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of a raw map to (H, W), not normalised."""
-    import torch
-    t = torch.from_numpy(np.ascontiguousarray(m, np.float32))[None, None]
-    return torch.nn.functional.interpolate(t, size=tuple(size), mode="bilinear",
-                                           align_corners=False)[0, 0].numpy()
 
 
 def to_grid(m: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -93,7 +65,7 @@ def to_grid(m: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     t = torch.from_numpy(np.ascontiguousarray(m))[None, None]
     if m.shape[0] >= size[0] and m.shape[1] >= size[1]:
         return torch.nn.functional.adaptive_avg_pool2d(t, tuple(size))[0, 0].numpy()
-    return upsample(m, size)
+    return resize(m, size).astype(np.float32)
 
 
 def region_mask(expect, size: tuple[int, int], original_size: tuple[int, int] | None = None,
@@ -140,7 +112,7 @@ def region_mask(expect, size: tuple[int, int], original_size: tuple[int, int] | 
 def mass_in_region(raw: np.ndarray, region: np.ndarray) -> float:
     """Share of the map's positive mass inside the region, the map bilinearly upsampled (not
     normalised) to the network input. 0 for a map with no positive mass."""
-    up = np.maximum(upsample(raw, region.shape), 0.0).astype(np.float64)
+    up = np.maximum(resize(raw, region.shape), 0.0)
     total = float(up.sum())
     return float(up[region].sum() / total) if total > 0 else 0.0
 
@@ -326,54 +298,18 @@ def check_sanity(flow, randomised_flow, threshold: float, randomised: list[str])
 # weight randomisation (sanity gate, and the tampered models of the tests and examples)
 
 
-def weight_layers(model) -> list[tuple[str, str]]:
-    """(node name, weight initializer) of every Conv/ConvTranspose/Gemm/MatMul with a constant
-    float weight, in graph (topological) order."""
-    import onnx
-
-    from ..ops import weight_inputs
-    inits = {i.name: i for i in model.graph.initializer}
-    out = []
-    for k, node in enumerate(model.graph.node):
-        if weight_inputs(node) and len(node.input) > 1 and node.input[1] in inits \
-                and inits[node.input[1]].data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE,
-                                                       onnx.TensorProto.FLOAT16):
-            out.append((node.name or f"{node.op_type}_{k}", node.input[1]))
-    return out
-
-
 def randomise_weights(model, count: int = 3, seed: int = 0, skip: int = 0, scale: float = 1.0,
                       additive: bool = False):
     """A copy of ``model`` (ModelProto or path) whose ``count`` top-most weight layers (closest to
-    the output, after skipping ``skip`` of them) have weights redrawn from a seeded normal with
-    the original tensor's mean and standard deviation (times ``scale``); with ``additive`` the
-    noise N(0, (scale * std)^2) is added to the trained weights instead (a milder corruption).
-    Returns (copy, names of the layers changed)."""
-    import onnx
-    from onnx import numpy_helper
-    if not isinstance(model, onnx.ModelProto):
-        model = onnx.load(str(model))
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    layers = weight_layers(copy)[::-1][skip:skip + count]
-    if not layers:
+    the output, after skipping ``skip`` of them) have their weights redrawn (biases kept):
+    ``naflow_onnx.randomise.randomise_onnx``. Returns (copy, names of the layers changed)."""
+    from ..randomise import randomise_onnx
+    copy, names = randomise_onnx(model, count, seed, include_bias=False, skip=skip, scale=scale,
+                                 additive=additive)
+    if not names:
         raise NAFlowError("the model has no Conv/Gemm/MatMul layer with constant weights to "
                           "randomise (sanity gate)")
-    rng = np.random.default_rng(seed)
-    inits = {i.name: i for i in copy.graph.initializer}
-    done = set()
-    for _, wname in layers:
-        if wname in done:
-            continue
-        done.add(wname)
-        arr = numpy_helper.to_array(inits[wname])
-        std = float(arr.std()) or 0.01
-        if additive:
-            new = (arr + rng.normal(0.0, std * scale, arr.shape)).astype(arr.dtype)
-        else:
-            new = rng.normal(float(arr.mean()), std * scale, arr.shape).astype(arr.dtype)
-        inits[wname].CopyFrom(numpy_helper.from_array(new, wname))
-    return copy, [n for n, _ in layers]
+    return copy, names
 
 
 # ------------------------------------------------------------------------------------------------

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import NAFlowError
+from ..methods import METHODS
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-METHODS = ("naflow", "reference", "gradcam", "layercam", "gradxact")
 PRESETS = ("imagenet", "caffe-bgr", "none")
 
 

@@ -37,8 +37,13 @@ def _clean(obj):
     return obj
 
 
+def json_text(report: dict) -> str:
+    """The report as strict JSON text (report.json, and `naflow check --json`)."""
+    return json.dumps(_clean(report), indent=2, allow_nan=False)
+
+
 def write_json(path: Path, report: dict) -> None:
-    path.write_text(json.dumps(_clean(report), indent=2, allow_nan=False) + "\n")
+    path.write_text(json_text(report) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -250,7 +255,7 @@ def _checks_table(recs: list[dict]) -> str:
 def _flow_section(k: int, entry: dict, flow, region, baseline, matching) -> str:
     """Every layer of one image: this model's map (and the baseline's under it), captions with
     the correlations, layers below the baseline threshold framed red."""
-    from ..methods import resize_map
+    from ..methods import resize_normalised
     recs = {r["check"]: r for r in entry["checks"]}
     base = recs.get("baseline_correlation")
     stab = recs.get("flow_stability")
@@ -304,7 +309,7 @@ def _flow_section(k: int, entry: dict, flow, region, baseline, matching) -> str:
                 f'alt="layer {i} map">']
         if bimg is not None and p is not None:
             bmap = baseline.map(bimg, p["baseline_index"])
-            b = _png(_overlay_thumb(view, resize_map(bmap, view.shape[:2]), region))
+            b = _png(_overlay_thumb(view, resize_normalised(bmap, view.shape[:2]), region))
             cell.append(f'<img id="img{k}-l{i}-base" class="flow baseline" src="{b}" width="{tw}" '
                         f'height="{th}" alt="layer {i} baseline map">')
         h, w = layer.shape[2], layer.shape[3]

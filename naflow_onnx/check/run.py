@@ -1,12 +1,13 @@
-"""``naflow check`` and ``naflow baseline``: orchestration and command-line entry points.
+"""``naflow check`` and ``naflow baseline`` as a library (the commands are in ``check.cli``).
 
-``main_check(argv)`` / ``main_baseline(argv)`` take the arguments after the subcommand and return
-the exit code: 0 every check passed (baseline: recorded), 1 a check failed, 2 the run itself
-failed (bad configuration, model, baseline or image: one line on stderr), 130 interrupted.
+``run(model, config, baseline=None, options=CheckOptions())`` analyses every configured image
+and returns a ``CheckResult`` (``code``: 0 every check passed, 1 a check failed, 2 an image or
+the sanity gate errored; ``report``; ``write(out)``: report.json, junit.xml, report.html).
+``record_baseline(model, config, output, options)`` writes a baseline file for ``run``'s
+``baseline``. A failed run (bad configuration, model, baseline) raises ``NAFlowError``.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -20,17 +21,59 @@ from pathlib import Path
 
 from .. import testhooks
 from ..errors import NAFlowError
+from ..methods import METHODS
 from . import checks as ck
 from .config import (DEFAULT_BASELINE_CORRELATION, CheckConfig, ConfigError, load_config)
 
 DEFAULT_OUT = "naflow-check-report"
 REPORT_SCHEMA = "naflow-onnx/check"
 REPORT_VERSION = 1
-METHODS = ("naflow", "reference", "gradcam", "layercam", "gradxact")
 
 
 # ------------------------------------------------------------------------------------------------
 # analyses: in this process (with a small memo), or in worker processes (--jobs N)
+
+
+@dataclass
+class CheckOptions:
+    """How ``run`` and ``record_baseline`` analyse. Only ``method`` changes results (default: the
+    configuration's [analysis] method, else naflow); the rest says where and how the work runs:
+    ``jobs`` local worker processes, or ``backend="ray"`` (``address``, ``workers``); ``threads``
+    torch/onnxruntime threads per process; ``memo`` reuses this process's earlier analyses of
+    the same model, image and settings; ``quiet``: no progress bar."""
+
+    method: str | None = None
+    jobs: int = 1
+    threads: int | None = None
+    provider: str = "auto"
+    device: str | None = None
+    backend: str = "local"
+    address: str | None = None
+    workers: int | None = None
+    quiet: bool = True
+    memo: bool = True
+
+    def validate(self) -> None:
+        from ..backends import check_backend_options
+        if self.jobs < 1:
+            raise NAFlowError(f"--jobs must be >= 1, got {self.jobs}")
+        check_backend_options(self.backend, self.address, self.workers)
+        if self.backend == "ray" and self.jobs != 1:
+            raise NAFlowError("--jobs is for the local backend; with --backend ray give --workers")
+
+
+@dataclass
+class CheckResult:
+    """What ``run`` returns: the exit code (0 pass, 1 a check failed, 2 an error), the report
+    (report.json's content) and what the HTML report draws."""
+
+    code: int
+    report: dict
+    extras: dict
+
+    def write(self, out, html_all: bool = False, state=None) -> Path:
+        """report.json, junit.xml, report.html into ``out`` (see ``write_reports``)."""
+        return write_reports(out, self.report, self.extras, html_all=html_all, state=state)
 
 
 @dataclass(frozen=True)
@@ -44,6 +87,7 @@ class Spec:
     method: str
     layers: str | None
     threads: int | None = None
+    memo: bool = True
 
     def analyzer(self, model=None):
         from ..capture import Capture
@@ -68,10 +112,15 @@ def _memo_key(analyzer, spec: Spec, image: Path, target) -> tuple:
             analyzer.opts.max_iter, analyzer.capture.provider, str(analyzer.device), target)
 
 
+def clear_memo() -> None:
+    """Forget the analyses memoised in this process (``analyse``)."""
+    _MEMO.clear()
+
+
 def analyse(analyzer, spec: Spec, image: Path, target=None):
-    """One analysis, memoised in this process (same model file content, image content, settings
-    and target give the same maps: the engine is deterministic). NAFLOW_CHECK_MEMO=0 disables."""
-    use = os.environ.get("NAFLOW_CHECK_MEMO", "1") != "0"
+    """One analysis, memoised in this process unless ``spec.memo`` is off (same model file
+    content, image content, settings and target give the same maps: the engine is deterministic)."""
+    use = spec.memo
     key = _memo_key(analyzer, spec, image, target) if use else None
     if use and key in _MEMO:
         _MEMO.move_to_end(key)
@@ -85,20 +134,6 @@ def analyse(analyzer, spec: Spec, image: Path, target=None):
     return flow
 
 
-_WORKER: dict = {}
-
-
-def _init_worker(spec: Spec) -> None:
-    import torch
-    if spec.threads:
-        torch.set_num_threads(spec.threads)
-    _WORKER["spec"] = spec
-    try:
-        _WORKER["analyzer"] = spec.analyzer()
-    except NAFlowError as exc:
-        _WORKER["error"] = str(exc)
-
-
 def _safe(fn, *args):
     try:
         return "ok", fn(*args)
@@ -108,22 +143,12 @@ def _safe(fn, *args):
         return "crash", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
 
 
-def _task_analyse(image: str, target):
-    if "error" in _WORKER:
-        return "error", _WORKER["error"]
-    return _safe(lambda: analyse(_WORKER["analyzer"], _WORKER["spec"], Path(image), target))
-
-
 def _sanity_flow(spec: Spec, image: Path, target: int, count: int, seed: int):
     randomised, names = ck.randomise_weights(spec.model, count=count, seed=seed)
     flow = spec.analyzer(randomised).analyze(image, target=target, method=spec.method,
                                              layers=spec.layers)
     flow.tensors = None
     return flow, names
-
-
-def _task_sanity(image: str, target: int, count: int, seed: int):
-    return _safe(_sanity_flow, _WORKER["spec"], Path(image), target, count, seed)
 
 
 class CheckTask:
@@ -138,6 +163,8 @@ class CheckTask:
 
     def setup(self) -> None:
         import torch
+        if self.analyzer is not None:     # the local backend: this process's analyzer
+            return
         try:
             os.chdir(self.cwd)      # relative paths mean what they mean to the driver
         except OSError:
@@ -156,9 +183,6 @@ class CheckTask:
 # the per-image flow cache of --resume (naflow_onnx.resume): OUT/.naflow-cache/<entry>/
 
 CACHE_DIR = ".naflow-cache"
-_FLOW_KEYS = ("model", "input", "preprocess", "target", "method", "compare", "options", "parity",
-              "timings", "layers", "skipped", "coverage")
-_DERIVED_KEYS = ("schema", "schema_version", "final_layer", "solver_summary")
 
 
 def _npz_bytes(arrays: dict) -> bytes:
@@ -175,7 +199,9 @@ def flow_files(flow) -> dict[str, bytes]:
     import io as _io
 
     import numpy as np
-    files = {"flow.json": json.dumps(flow.to_json(), allow_nan=True).encode(),
+
+    from ..io import json_safe
+    files = {"flow.json": json.dumps(json_safe(flow.to_json()), allow_nan=False).encode(),
              "maps.npz": _npz_bytes(flow.maps)}
     if flow.compare_maps:
         files["compare_maps.npz"] = _npz_bytes(flow.compare_maps)
@@ -189,21 +215,16 @@ def flow_from_files(folder: Path):
     """The Flow that ``flow_files`` wrote (without ``tensors`` and the per-tensor parity)."""
     import numpy as np
 
-    from ..flow import Flow, Layer
-    j = json.loads((folder / "flow.json").read_text())
+    from ..flow import Flow
 
     def npz(name):
         if not (folder / name).is_file():
             return {}
         with np.load(folder / name, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
-    return Flow(model=j["model"], input=j["input"], preprocess=j["preprocess"], target=j["target"],
-                method=j["method"], layers=[Layer(**d) for d in j["layers"]], maps=npz("maps.npz"),
-                image=np.load(folder / "image.npy", allow_pickle=False), parity=j["parity"],
-                timings=j["timings"], options=j["options"],
-                skipped={r["tensor"]: r["reason"] for r in j.get("skipped", [])},
-                coverage=j.get("coverage", {}), compare=j.get("compare"), compare_maps=npz("compare_maps.npz"),
-                extra={k: v for k, v in j.items() if k not in _FLOW_KEYS + _DERIVED_KEYS})
+    return Flow.from_json(json.loads((folder / "flow.json").read_text()), npz("maps.npz"),
+                          np.load(folder / "image.npy", allow_pickle=False),
+                          npz("compare_maps.npz"))
 
 
 def _cache_entry(cfg: CheckConfig, image: Path) -> str:
@@ -232,84 +253,57 @@ def _own_arrays(flow):
 
 
 class Runner:
-    """Runs analyses serially (jobs = 1, this process's Analyzer), in a process pool whose
-    workers each build their Analyzer once, or on Ray actors (backend "ray",
-    naflow_onnx.backends: one Analyzer per actor; the sanity gate runs in this process)."""
+    """Runs the analyses through ``naflow_onnx.backends.run_tasks``: in this process (jobs = 1,
+    this process's Analyzer), in ``jobs`` worker processes (each builds its Analyzer once and
+    exits when this process dies), or on Ray actors (backend "ray"). The sanity gate runs in
+    this process."""
 
     def __init__(self, analyzer, spec: Spec, jobs: int, backend: str = "local",
                  address: str | None = None, workers: int | None = None):
         self.analyzer, self.spec, self.jobs = analyzer, spec, max(1, int(jobs))
         self.backend, self.address, self.workers = backend, address, workers
-        self.pool = None
         self._run = None
         self.stats = {"backend": backend, "address": address,
                       "workers": self.jobs if backend == "local" else workers,
                       "worker_deaths": 0, "resubmitted": 0}
+        self.engine = backend
         if backend == "ray":
             # one CPU per actor: torch and onnxruntime get one thread each unless --threads
             self.spec = Spec(**{**spec.__dict__, "threads": spec.threads or 1})
         elif self.jobs > 1:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
             threads = spec.threads or max(1, (os.cpu_count() or 1) // self.jobs)
             self.spec = Spec(**{**spec.__dict__, "threads": threads})
-            self.pool = ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"),
-                                            initializer=_init_worker, initargs=(self.spec,))
+            self.engine, self.workers = "processes", self.jobs
 
     def analyses(self, tasks: list[tuple[Path, object]]):
         """Yield (index, status, flow-or-message) as analyses finish."""
-        if self.backend == "ray":
-            from ..backends import Failure, run_tasks
-            run = self._run = run_tasks(CheckTask(self.spec),
-                                        [(str(image), target) for image, target in tasks],
-                                        backend="ray", address=self.address, workers=self.workers,
-                                        progress=False)
-            with run:
-                try:
-                    for i, result in run:
-                        if isinstance(result, Failure):
-                            yield i, "error", result.message
-                        else:
-                            status, value = result
-                            yield i, status, _own_arrays(value) if status == "ok" else value
-                finally:
-                    self.stats.update({k: run.stats[k] for k in
-                                       ("workers", "worker_deaths", "resubmitted")})
-            return
-        if self.pool is None:
-            for i, (image, target) in enumerate(tasks):
-                yield (i, *_safe(lambda: analyse(self.analyzer, self.spec, image, target)))
-            return
-        from concurrent.futures import as_completed
-        futures = {self.pool.submit(_task_analyse, str(image), target): i
-                   for i, (image, target) in enumerate(tasks)}
-        try:
-            for fut in as_completed(futures):
-                yield (futures[fut], *self._result(fut))
-        finally:
-            for fut in futures:
-                fut.cancel()
+        from ..backends import Failure, run_tasks
+        task = CheckTask(self.spec)
+        if self.engine == "local":
+            task.analyzer = self.analyzer
+        run = self._run = run_tasks(task, [(str(image), target) for image, target in tasks],
+                                    backend=self.engine, address=self.address,
+                                    workers=self.workers, progress=False)
+        with run:
+            try:
+                for i, result in run:
+                    if isinstance(result, Failure):
+                        yield i, "error", result.message
+                    else:
+                        status, value = result
+                        yield i, status, _own_arrays(value) if status == "ok" else value
+            finally:
+                self.stats.update({k: run.stats[k] for k in ("worker_deaths", "resubmitted")})
+                if self.backend == "ray":
+                    self.stats["workers"] = run.stats["workers"]
 
     def sanity(self, image: Path, target: int, count: int, seed: int):
-        if self.pool is None:
-            return _safe(_sanity_flow, self.spec, image, target, count, seed)
-        return self._result(self.pool.submit(_task_sanity, str(image), target, count, seed))
-
-    @staticmethod
-    def _result(fut):
-        from concurrent.futures.process import BrokenProcessPool
-        try:
-            return fut.result()
-        except BrokenProcessPool:
-            return "error", "a worker process died (out of memory?); try a smaller --jobs"
+        return _safe(_sanity_flow, self.spec, image, target, count, seed)
 
     def close(self):
-        if self._run is not None:       # stops the Ray actors of an unfinished run
+        if self._run is not None:       # stops the workers of an unfinished run
             self._run.close()
             self._run = None
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-            self.pool = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -328,24 +322,25 @@ class Setup:
     settings: dict = field(default_factory=dict)
 
 
-def _setup(args) -> Setup:
+def _setup(model, config, opts: CheckOptions) -> Setup:
     from PIL import Image
 
     from ..importance import resolve_class
-    cfg = load_config(args.config)
-    method = args.method or cfg.method
+    opts.validate()
+    cfg = load_config(config)
+    method = opts.method or cfg.method
     if method not in METHODS:
         raise ConfigError(f"--method must be one of {', '.join(METHODS)}, not '{method}'")
     cfg.method = method
-    if args.threads:
+    if opts.threads:
         import torch
-        torch.set_num_threads(args.threads)
-    model = Path(args.model)
+        torch.set_num_threads(opts.threads)
+    model = Path(model)
     if not model.is_file():
         raise NAFlowError(f"model not found: {model}")
     spec = Spec(model=str(model.resolve()), preprocess=cfg.preprocess, damp=cfg.damp,
-                provider=args.provider, device=args.device, method=cfg.method, layers=cfg.layers,
-                threads=args.threads)
+                provider=opts.provider, device=opts.device, method=cfg.method, layers=cfg.layers,
+                threads=opts.threads, memo=opts.memo)
     analyzer = spec.analyzer()
     size = tuple(analyzer.preprocess.size)
     labels = analyzer.labels
@@ -407,16 +402,19 @@ def _layers_record(flow) -> list[dict]:
 # naflow check
 
 
-def run_check(args, state=None) -> tuple[int, dict, dict]:
-    """The whole check; returns (exit code, report). Raises NAFlowError for a failed run.
-    ``state`` (a naflow_onnx.resume.RunState on the report folder): every analysed image's flow
-    is kept in it, and with ``resume`` the flows already there are reused."""
+def run(model, config, baseline=None, options: CheckOptions | None = None,
+        state=None) -> CheckResult:
+    """The whole check of ``model`` (an .onnx path) against ``config`` (a TOML path), with the
+    baseline file ``baseline`` (default: the configuration's [baseline] path). Raises
+    NAFlowError for a failed run. ``state`` (a naflow_onnx.resume.RunState on the report
+    folder): every analysed image's flow is kept in it, and with ``resume`` the flows already
+    there are reused."""
     t0 = time.perf_counter()
-    _check_backend_args(args)
-    st = _setup(args)
+    opts = options or CheckOptions()
+    st = _setup(model, config, opts)
     cfg = st.cfg
+    bpath = baseline or cfg.baseline_path
     baseline = None
-    bpath = args.baseline or cfg.baseline_path
     bthreshold = cfg.baseline_correlation if cfg.baseline_correlation is not None \
         else DEFAULT_BASELINE_CORRELATION
     if bpath:
@@ -432,7 +430,7 @@ def run_check(args, state=None) -> tuple[int, dict, dict]:
         raise ConfigError(f"{cfg.where('checks')}: no check is enabled: set one in [checks] "
                           "(e.g. prediction = true) or give --baseline")
 
-    runner = _runner(st, args)
+    runner = _runner(st, opts)
     images = cfg.images
     flows: dict = {}
     errors: dict = {}
@@ -449,7 +447,7 @@ def run_check(args, state=None) -> tuple[int, dict, dict]:
     if baseline is not None and flows:
         matching = ck.match_layers(baseline, flows[next(im for im in images if im in flows)].layers,
                                    cfg.baseline_match, st.analyzer.graph.sha256)
-    bar = _progress(len(images) + (1 if cfg.sanity is not None else 0), args.quiet, "naflow check")
+    bar = _progress(len(images) + (1 if cfg.sanity is not None else 0), opts.quiet, "naflow check")
     bar.update(resumed)
     try:
         for i, status, result in runner.analyses([(im, st.targets[im]) for im in todo]):
@@ -550,10 +548,10 @@ def run_check(args, state=None) -> tuple[int, dict, dict]:
     report = {
         "schema": REPORT_SCHEMA, "schema_version": REPORT_VERSION,
         "status": {0: "pass", 1: "fail", 2: "error"}[code], "exit_code": code,
-        "model": {"path": str(args.model), "sha256": st.analyzer.graph.sha256,
+        "model": {"path": str(model), "sha256": st.analyzer.graph.sha256,
                   "layers": len(any_flow.layers) if any_flow else None,
                   "final_layer": any_flow.final_layer if any_flow else None},
-        "config": {"path": str(args.config), "sha256": cfg.sha256},
+        "config": {"path": str(config), "sha256": cfg.sha256},
         "analysis": st.settings,
         "checks": enabled,
         "baseline": ({"path": str(bpath), "model_sha256": baseline.meta["model"]["sha256"],
@@ -571,9 +569,9 @@ def run_check(args, state=None) -> tuple[int, dict, dict]:
                     "resubmitted": runner.stats["resubmitted"], "resumed": resumed},
         "timings": {"total_s": round(time.perf_counter() - t0, 3)},
     }
-    return code, report, {"flows": flows, "regions": {cfg.keys[k]: v for k, v in st.regions.items()},
+    return CheckResult(code, report, {"flows": flows, "regions": {cfg.keys[k]: v for k, v in st.regions.items()},
                           "baseline": baseline, "matching": matching, "sanity_flows": sanity_flows,
-                          "labels": st.analyzer.labels}
+                          "labels": st.analyzer.labels})
 
 
 def write_reports(out, report: dict, extras: dict, html_all: bool = False, state=None) -> Path:
@@ -595,133 +593,27 @@ def write_reports(out, report: dict, extras: dict, html_all: bool = False, state
     return Path(out)
 
 
-def _print_summary(report: dict, out: Path, stream=None) -> None:
-    stream = stream or sys.stdout
-    for e in report["images"]:
-        if e["status"] == "error":
-            print(f"ERROR {e['key']}: {e['error']}", file=stream)
-            continue
-        bad = [r for r in e["checks"] if r["status"] == "fail"]
-        word = "FAIL " if bad else "pass "
-        detail = "; ".join(f"{r['check']}: {r['message']}" for r in bad) if bad else \
-            ", ".join(f"{r['check']} {_short(r)}" for r in e["checks"])
-        print(f"{word}{e['key']}: {detail}", file=stream)
-    for r in report["model_checks"]:
-        word = {"pass": "pass ", "fail": "FAIL ", "error": "ERROR"}.get(r["status"], r["status"])
-        print(f"{word} model {r['check']}: {r['message']}", file=stream)
-    s = report["summary"]
-    print(f"naflow check: {s['images']} images, {s['checks']} checks: {s['passed']} passed, "
-          f"{s['failed']} failed, {s['skipped']} skipped, {s['errors']} errors -> "
-          f"{out / 'report.html'}", file=stream)
-
-
-def _short(r: dict) -> str:
-    v = r.get("value")
-    if r["status"] == "skip":
-        return "skipped"
-    if isinstance(v, float):
-        return f"{v:.3f}"
-    return "ok" if r["status"] == "pass" else str(v)
-
-
-def build_check_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="naflow check",
-        description="Gate a model on attention checks over a set of images (docs/check.md). "
-                    "Exit 0: all checks pass; 1: a check failed; 2: the run itself failed.")
-    p.add_argument("model", help="the .onnx file")
-    p.add_argument("--config", required=True, help="the check configuration (TOML)")
-    p.add_argument("--baseline", help="a baseline .npz from `naflow baseline` (overrides "
-                   "[baseline] path)")
-    p.add_argument("--out", default=DEFAULT_OUT, help=f"report folder: new, empty or an earlier "
-                   f"naflow output (replaced atomically; anything else is refused) "
-                   f"(default: {DEFAULT_OUT}/): report.json, junit.xml, report.html")
-    _common(p, resume=True)
-    p.add_argument("--html-all", action="store_true", help="draw the flows of passing images too")
-    p.add_argument("--json", action="store_true", help="print the JSON report on stdout")
-    return p
-
-
-def _check_backend_args(args) -> None:
-    from ..cli import check_backend_args
-    check_backend_args(args)
-    if args.backend == "ray" and args.jobs != 1:
-        raise NAFlowError("--jobs is for the local backend; with --backend ray give --workers")
-
-
-def _runner(st: Setup, args) -> Runner:
-    return Runner(st.analyzer, st.spec, args.jobs, backend=args.backend, address=args.address,
-                  workers=args.workers)
-
-
-def _common(p: argparse.ArgumentParser, resume: bool = False) -> None:
-    from ..cli import add_backend_options
-    add_backend_options(p, resume_help="reuse the flows of images already analysed in --out by a "
-                        "finished, failed or interrupted run (same model, image and settings; "
-                        "docs/ray.md)" if resume else None)
-    p.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
-    p.add_argument("--method", choices=METHODS, help="map method (default: [analysis] method, "
-                   "else naflow)")
-    p.add_argument("--threads", type=int, help="torch/onnxruntime threads per process")
-    p.add_argument("--provider", default="auto", help="onnxruntime provider: auto, cpu, cuda")
-    p.add_argument("--device", help="torch device of the rebuild (default: cuda if available)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--debug", action="store_true", help="tracebacks")
-
-
-def _guard(fn, args) -> int:
-    from ..errors import run_command
-    return run_command(fn, args, "no report written")
-
-
-def _cmd_check(args) -> int:
-    from ..resume import RunState
-    if args.jobs < 1:
-        raise NAFlowError(f"--jobs must be >= 1, got {args.jobs}")
-    state = RunState(args.out, resume=args.resume, command="check")
-    state.open()            # --out refused (or in use by another run) before any analysis
-    try:
-        code, report, extras = run_check(args, state)
-        out = write_reports(args.out, report, extras, html_all=args.html_all, state=state)
-    except BaseException:
-        state.abandon()       # finished flows stay in .OUT.partial/ for --resume
-        raise
-    if args.json:
-        print(json.dumps(report, indent=2))
-        _print_summary(report, out, stream=sys.stderr)
-    else:
-        _print_summary(report, out)
-    for e in report["images"]:
-        if e["status"] == "error":
-            print(f"naflow: error: {e['key']}: {e['error']}", file=sys.stderr)
-            if args.debug and e.get("traceback"):
-                print(e["traceback"], file=sys.stderr)
-    for r in report["model_checks"]:
-        if r["status"] == "error":
-            print(f"naflow: error: sanity gate: {r['message']}", file=sys.stderr)
-    return code
-
-
-def main_check(argv=None) -> int:
-    """``naflow check MODEL --config FILE [--baseline B] [--out DIR] [--jobs N] [--method M]``."""
-    args = build_check_parser().parse_args(argv)
-    return _guard(_cmd_check, args)
+def _runner(st: Setup, opts: CheckOptions) -> Runner:
+    return Runner(st.analyzer, st.spec, opts.jobs, backend=opts.backend, address=opts.address,
+                  workers=opts.workers)
 
 
 # ------------------------------------------------------------------------------------------------
 # naflow baseline
 
 
-def record_baseline(args) -> dict:
-    """Analyse every configured image and write the baseline file; returns its metadata."""
+def record_baseline(model, config, output, options: CheckOptions | None = None) -> dict:
+    """Analyse every image of ``config`` with ``model`` and write the baseline file ``output``
+    (atomically); returns its metadata. Any image that fails raises NAFlowError (nothing
+    written)."""
     from .. import __version__
-    _check_backend_args(args)
-    st = _setup(args)
+    opts = options or CheckOptions()
+    st = _setup(model, config, opts)
     cfg = st.cfg
-    runner = _runner(st, args)
+    runner = _runner(st, opts)
     images = cfg.images
     flows, errors = {}, {}
-    bar = _progress(len(images), args.quiet, "naflow baseline")
+    bar = _progress(len(images), opts.quiet, "naflow baseline")
     try:
         for i, status, result in runner.analyses([(im, st.targets[im]) for im in images]):
             bar.update(1)
@@ -745,10 +637,10 @@ def record_baseline(args) -> dict:
     meta = {
         "schema": ck.BASELINE_SCHEMA, "schema_version": ck.BASELINE_VERSION,
         "created_by": f"naflow-onnx {__version__}",
-        "model": {"path": str(args.model), "sha256": st.analyzer.graph.sha256,
+        "model": {"path": str(model), "sha256": st.analyzer.graph.sha256,
                   "final_layer": first.final_layer, "layers": _layers_record(first)},
         "analysis": st.settings,
-        "config": {"path": str(args.config), "sha256": cfg.sha256,
+        "config": {"path": str(config), "sha256": cfg.sha256,
                    "analysis_sha256": hashlib.sha256(json.dumps(st.settings, sort_keys=True)
                                                      .encode()).hexdigest()},
         "images": [{"key": cfg.keys[im], "sha256": ck.file_sha256(im),
@@ -756,35 +648,7 @@ def record_baseline(args) -> dict:
                     "prediction": int(flows[im].target["top5"][0]["index"])} for im in images],
     }
     maps = [[flows[im].maps[t] for t in layers] for im in images]
-    ck.write_baseline(args.o, meta, maps)
+    ck.write_baseline(output, meta, maps)
     return meta
 
 
-def build_baseline_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="naflow baseline",
-        description="Record the maps of a trusted model version for `naflow check --baseline`.")
-    p.add_argument("model", help="the .onnx file of the trusted model")
-    p.add_argument("--config", required=True, help="the check configuration (TOML): its inputs "
-                   "and [analysis] settings are used")
-    p.add_argument("-o", "--output", dest="o", required=True, help="the baseline file (.npz), "
-                   "written atomically; an existing file is replaced only if it is a baseline")
-    _common(p)
-    return p
-
-
-def _cmd_baseline(args) -> int:
-    from ..io import check_output_file
-    if args.jobs < 1:
-        raise NAFlowError(f"--jobs must be >= 1, got {args.jobs}")
-    check_output_file(args.o, "baseline file", ck.is_baseline_file)     # before any work
-    meta = record_baseline(args)
-    print(f"naflow baseline: {len(meta['images'])} images x {len(meta['model']['layers'])} layers "
-          f"of model sha256 {meta['model']['sha256'][:12]} ({meta['analysis']['method']}) -> {args.o}")
-    return 0
-
-
-def main_baseline(argv=None) -> int:
-    """``naflow baseline MODEL --config FILE -o baseline.npz [--jobs N] [--method M]``."""
-    args = build_baseline_parser().parse_args(argv)
-    return _guard(_cmd_baseline, args)

@@ -5,7 +5,9 @@
 * :mod:`.nets` - four small CNNs (plain, residual, gated, conv4) for it;
 * :mod:`.train` - trains them on CPU and exports ONNX with preprocessing metadata;
 * :mod:`.metrics` - energy in mask, pointing game, deletion/insertion AUC, rank correlation
-  and cascading weight randomisation (torch and ONNX).
+  and cascading weight randomisation (torch and ONNX);
+* :mod:`.run` - the benchmark: ``run(model, EvaluateOptions(...))`` -> ``report.Evaluation``
+  (the command ``naflow evaluate`` is :mod:`.cli`).
 
 Only numpy/scipy/Pillow at import time; torch and onnx are imported where they are used.
 """
@@ -15,3 +17,4 @@ from .metrics import (  # noqa: F401
     box_to_mask, onnx_prob_fn, spearman, randomisation_test, weight_bearing_nodes, randomise_onnx,
     cascading_randomisation_onnx, randomise_torch,
 )
+from .run import EvaluateOptions, run  # noqa: F401

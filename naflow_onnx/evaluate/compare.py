@@ -10,7 +10,6 @@ weight-dependence, not quality) and shown separately.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -65,23 +64,6 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m naflow_onnx.evaluate.compare")
-    p.add_argument("outputs", nargs="+", help="folders written by naflow evaluate")
-    p.add_argument("--stage", default="all internal", help="early, middle, late, final or 'all internal'")
-    p.add_argument("--json", action="store_true")
-    args = p.parse_args(argv)
-    docs = []
-    for o in args.outputs:
-        f = Path(o) / "evaluation.json"
-        if not f.is_file():
-            print(f"naflow: error: {f} not found", file=sys.stderr)
-            return 2
-        docs.append(json.loads(f.read_text()))
-    result = compare(docs, args.stage)
-    print(json.dumps(result, indent=1) if args.json else markdown(result))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":   # the command lives in evaluate.cli
+    from naflow_onnx.evaluate.cli import compare_main
+    sys.exit(compare_main())

@@ -31,6 +31,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ..methods import resize
+from ..randomise import constant_value, randomise_onnx, weight_bearing_nodes  # noqa: F401 (API)
+
 __all__ = ["resize_map", "energy_in_mask", "pointing_game", "deletion_auc", "insertion_auc",
            "deletion_insertion_curve", "gaussian_blur", "box_to_mask", "spearman",
            "randomisation_test", "weight_bearing_nodes", "constant_value", "randomise_onnx",
@@ -58,30 +61,10 @@ def _as_mask(mask) -> np.ndarray:
     return m.astype(bool)
 
 
-def _resize_axis_weights(n_in: int, n_out: int):
-    """Indices and weights of 1-D linear interpolation with half-pixel centres."""
-    scale = n_in / n_out
-    src = (np.arange(n_out) + 0.5) * scale - 0.5
-    src = np.clip(src, 0, n_in - 1)
-    i0 = np.floor(src).astype(int)
-    i1 = np.minimum(i0 + 1, n_in - 1)
-    w1 = src - i0
-    return i0, i1, w1
-
-
 def resize_map(m, shape: Sequence[int]) -> np.ndarray:
-    """Bilinear resize of a 2-D map to ``shape = (H, W)`` (align_corners=False semantics).
-
-    Identity when the shape already matches. Returns float64.
-    """
-    a = _as_map(m)
-    H, W = int(shape[0]), int(shape[1])
-    if a.shape == (H, W):
-        return a.copy()
-    r0, r1, rw = _resize_axis_weights(a.shape[0], H)
-    c0, c1, cw = _resize_axis_weights(a.shape[1], W)
-    rows = a[r0] * (1 - rw)[:, None] + a[r1] * rw[:, None]
-    return rows[:, c0] * (1 - cw)[None, :] + rows[:, c1] * cw[None, :]
+    """A checked 2-D map resized bilinearly to ``shape = (H, W)`` (``naflow_onnx.methods.resize``:
+    half-pixel centres, not normalised, float64)."""
+    return resize(_as_map(m), shape)
 
 
 def _map_for(m, mask: np.ndarray) -> np.ndarray:
@@ -321,9 +304,9 @@ def spearman(a, b, absolute: bool = False) -> float:
 
     If the shapes differ, the smaller map is resized (bilinear) to the larger one. With
     ``absolute`` the absolute values are ranked (Adebayo et al. report both). Ties get
-    average ranks. A constant map has no ranking: ``nan``.
+    average ranks. A constant map has no ranking: ``nan`` (``naflow_onnx.stats``).
     """
-    from scipy.stats import spearmanr
+    from ..stats import spearman as rank_correlation
 
     x, y = _as_map(a), _as_map(b)
     if x.shape != y.shape:
@@ -333,9 +316,7 @@ def spearman(a, b, absolute: bool = False) -> float:
             x = resize_map(x, y.shape)
     if absolute:
         x, y = np.abs(x), np.abs(y)
-    if np.ptp(x) == 0 or np.ptp(y) == 0:
-        return float("nan")
-    return float(spearmanr(x.ravel(), y.ravel()).statistic)
+    return rank_correlation(x, y)
 
 
 def randomisation_test(original, randomised: Sequence, absolute: bool = False) -> list[float]:
@@ -348,111 +329,6 @@ def randomisation_test(original, randomised: Sequence, absolute: bool = False) -
     the learned weights.
     """
     return [spearman(original, r, absolute) for r in randomised]
-
-
-def _constant_sources(model) -> dict:
-    """name -> TensorProto for graph initializers, Constant nodes (``value``) and Identity
-    nodes of those (the TorchScript exporter emits ``Identity`` for de-duplicated constants)."""
-    src = {t.name: t for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            for a in node.attribute:
-                if a.name == "value":
-                    src[node.output[0]] = a.t
-        elif node.op_type == "Identity" and node.input[0] in src:
-            src[node.output[0]] = src[node.input[0]]
-    return src
-
-
-def constant_value(model, name: str):
-    """The numpy value of a constant tensor of the graph (see _constant_sources), or None."""
-    from onnx import numpy_helper
-
-    t = _constant_sources(model).get(name)
-    return None if t is None else numpy_helper.to_array(t)
-
-
-def weight_bearing_nodes(model) -> list[tuple[int, str, list[int]]]:
-    """``[(node index, node name, [input slots of constant parameters])]``, reverse topological.
-
-    Weight-bearing: a Conv/ConvTranspose/Gemm whose weight (input 1) is a constant - the
-    slots are 1 and, if it is a constant too, the bias 2 - or a MatMul with a constant
-    input (that slot). Constants are initializers, Constant nodes and Identity nodes of
-    those. ONNX requires nodes in topological order, so reverse node order is a reverse
-    topological order. Only the main graph is scanned. Unnamed nodes are called
-    ``<op>_<index>``.
-    """
-    from ..ops import weight_inputs
-
-    consts = _constant_sources(model)
-    out = []
-    for i, node in enumerate(model.graph.node):
-        weights = weight_inputs(node)
-        if not weights:
-            continue
-        if node.op_type == "MatMul":
-            slots = [j for j in weights if node.input[j] in consts][:1]
-        else:
-            if len(node.input) < 2 or node.input[1] not in consts:
-                continue  # weight is computed, not a parameter
-            slots = [j for j in weights if j < len(node.input) and node.input[j] in consts]
-        if slots:
-            out.append((i, node.name or f"{node.op_type}_{i}", slots))
-    return out[::-1]
-
-
-def _prune_unused_constants(graph) -> None:
-    """Drop initializers and constant-only Identity/Constant nodes nothing reads any more."""
-    while True:
-        used = {n for node in graph.node for n in node.input} | {o.name for o in graph.output}
-        dead = [j for j, node in enumerate(graph.node)
-                if node.op_type in ("Identity", "Constant") and not any(o in used for o in node.output)
-                and (node.op_type == "Constant" or node.input[0] in {t.name for t in graph.initializer})]
-        for j in reversed(dead):
-            del graph.node[j]
-        if not dead:
-            break
-    used = {n for node in graph.node for n in node.input} | {o.name for o in graph.output}
-    for j in reversed(range(len(graph.initializer))):
-        if graph.initializer[j].name not in used:
-            del graph.initializer[j]
-
-
-def randomise_onnx(model, k: int, seed: int = 0, include_bias: bool = True):
-    """A copy of ``model`` (onnx.ModelProto) with its last ``k`` weight-bearing nodes randomised.
-
-    For each of those nodes (see :func:`weight_bearing_nodes`) the weight - and the bias
-    when ``include_bias`` - is replaced by ``normal(0, std(original))``, same shape and dtype,
-    drawn from ``numpy.random.default_rng([seed, node index, input slot])``. So the result is
-    reproducible and the draw of a layer does not depend on k: model k extends model k-1,
-    which is the cascading scheme of Adebayo et al. A zero bias stays zero. The new values
-    are fresh initializers named ``naflow.random/<node>/<slot>`` wired to that node only, so a
-    constant shared with other nodes is not changed for them; constants nothing reads any
-    more are removed. Other parameters (e.g. BatchNormalization scale/shift, when the export
-    did not fold them into the conv) are left as trained.
-    Returns ``(model_copy, [names of the randomised nodes, top first])``.
-    """
-    import onnx
-    from onnx import numpy_helper
-
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    nodes = weight_bearing_nodes(out)[:max(int(k), 0)]
-    consts = _constant_sources(out)
-    new_inits = []
-    for node_idx, node_name, slots in nodes:
-        node = out.graph.node[node_idx]
-        for slot in (slots if include_bias else slots[:1]):
-            w = numpy_helper.to_array(consts[node.input[slot]])
-            std = float(np.std(w.astype(np.float64)))
-            rng = np.random.default_rng([int(seed), int(node_idx), int(slot)])
-            new = rng.normal(0.0, std, size=w.shape).astype(w.dtype)
-            name = f"naflow.random/{node_name}/{slot}"
-            new_inits.append(numpy_helper.from_array(new, name))
-            node.input[slot] = name
-    out.graph.initializer.extend(new_inits)
-    _prune_unused_constants(out.graph)
-    return out, [n for _, n, _ in nodes]
 
 
 def cascading_randomisation_onnx(model, seed: int = 0, max_k: int | None = None,

@@ -257,7 +257,7 @@ class Evaluation:
 
         from pathlib import Path
         d = Path(directory)
-        (d / "evaluation.json").write_text(json.dumps(self.to_json(), indent=1) + "\n")
+        (d / "evaluation.json").write_text(json.dumps(self.to_json(), indent=1, allow_nan=False) + "\n")
         (d / "metrics.csv").write_text(self.csv_text())
         np.savez_compressed(d / "per_image.npz", **self.npz_arrays())
         (d / "summary.md").write_text(self.markdown() + "\n")

@@ -120,7 +120,7 @@ class EvaluationTask(Task):
         import torch
 
         from ..flow import Analyzer
-        from .metrics import randomise_onnx
+        from ..randomise import randomise_onnx
 
         torch.set_num_threads(self.threads)
         self.analyzer = Analyzer(self.model, **self.analyzer_options)

@@ -18,7 +18,6 @@ The ONNX file carries ``metadata_props``:
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import sys
@@ -209,50 +208,6 @@ def train(arch: str, out: Path | None, n_train: int, n_test: int, epochs: int, b
         torch.utils.deterministic.fill_uninitialized_memory = saved[3]
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    g = ap.add_mutually_exclusive_group(required=True)
-    g.add_argument("--arch", choices=nets.ARCHS)
-    g.add_argument("--all", action="store_true", help="train every architecture")
-    ap.add_argument("--out", type=Path, help="ONNX output (default: <out-dir>/synth_<arch>.onnx)")
-    ap.add_argument("--out-dir", type=Path, default=Path("models"))
-    ap.add_argument("--no-export", action="store_true")
-    ap.add_argument("--n-train", type=int, default=DEFAULTS["n_train"])
-    ap.add_argument("--n-test", type=int, default=DEFAULTS["n_test"])
-    ap.add_argument("--epochs", type=int, default=None,
-                    help="epochs for every arch (default per arch: %s)" % EPOCHS)
-    ap.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
-    ap.add_argument("--lr", type=float, default=DEFAULTS["lr"])
-    ap.add_argument("--weight-decay", type=float, default=DEFAULTS["weight_decay"])
-    ap.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="torch seed (init, batches)")
-    ap.add_argument("--train-seed", type=int, default=DEFAULTS["train_seed"])
-    ap.add_argument("--test-seed", type=int, default=DEFAULTS["test_seed"])
-    ap.add_argument("--threads", type=int, default=DEFAULTS["threads"])
-    ap.add_argument("--size", type=int, default=96)
-    ap.add_argument("--cache-dir", type=Path, default=None, help="cache generated data sets here (.npz)")
-    ap.add_argument("--report", type=Path, default=None, help="write the summaries as JSON here")
-    ap.add_argument("--min-acc", type=float, default=0.95, help="exit 1 if a test accuracy is lower")
-    a = ap.parse_args(argv)
-    if a.all and a.out is not None:
-        ap.error("--out names one file; use --out-dir with --all")
-    archs = list(nets.ARCHS) if a.all else [a.arch]
-    summaries = []
-    for arch in archs:
-        out = None if a.no_export else (a.out or a.out_dir / f"synth_{arch}.onnx")
-        epochs = a.epochs if a.epochs is not None else EPOCHS[arch]
-        s = train(arch, out, a.n_train, a.n_test, epochs, a.batch_size, a.lr, a.weight_decay, a.seed,
-                  a.train_seed, a.test_seed, a.threads, a.size, a.cache_dir,
-                  log=lambda m: print(m, file=sys.stderr, flush=True))
-        print(json.dumps({k: v for k, v in s.items() if k != "history"}), flush=True)
-        summaries.append(s)
-    if a.report is not None:
-        atomic_write(a.report, json.dumps(summaries, indent=1).encode())
-    bad = [s["arch"] for s in summaries if s["test_acc"] < a.min_acc]
-    if bad:
-        print(f"test accuracy below {a.min_acc}: {bad}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":   # the command lives in evaluate.cli
+    from naflow_onnx.evaluate.cli import train_main
+    sys.exit(train_main())

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from ..errors import UnsupportedOpError
 from . import InverseRule, RuleContext
-from .solver import LinearMap, SolveRecord, solve_affine
+from .solver import LinearMap, SolveRecord, damped_pinv_factors, solve_affine
 
 
 def _single_input(ctx: RuleContext) -> str:
@@ -88,11 +88,8 @@ class ConvMap(LinearMap):
 
 def pointwise_pinv(W: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
     """Damped pseudo-inverse (C_in x C_out) of a C_out x C_in matrix, and its largest singular value."""
-    U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
-    lam = damp * float(S[0]) if damp > 0 else 0.0
-    cutoff = float(S[0]) * max(W.shape) * torch.finfo(torch.float32).eps
-    inv = torch.where(S > cutoff, S / (S * S + lam * lam), torch.zeros_like(S))
-    return (Vh.T * inv) @ U.T, float(S[0])
+    U, inv, Vh, s_max = damped_pinv_factors(W.double(), damp)
+    return (Vh.T * inv) @ U.T, s_max
 
 
 def pointwise_conv_inverse(x0, w, y_target, y0, damp: float, cache: dict | None = None, key=None):

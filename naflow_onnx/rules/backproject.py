@@ -26,7 +26,7 @@ from .affine import AffineRule
 from .elementwise import ArithmeticRule, BatchNormRule
 from .linearize import JointMap, SegmentMap, StackedMap, node_map
 from .structural import StructuralRule
-from .solver import SolverOptions, SolveRecord, reference_mode, solve_affine
+from .solver import SolverOptions, SolveRecord, solve_affine
 
 
 def segment_function(mg: ModelGraph, env: dict, seg: Segment) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -89,7 +89,7 @@ class BackProjection:
         mg, env = self.mg, self.env
         f = segment_function(mg, env, seg)
         # J linearised once at the forward point (reference mode: torch.func on the whole segment)
-        J = None if reference_mode() else SegmentMap(mg, env, seg.nodes, seg.input, seg.output)
+        J = None if self.opts.reference else SegmentMap(mg, env, seg.nodes, seg.input, seg.output)
         x_hat, rec = solve_affine(f, env[seg.input], self.bpfm[seg.output], self.opts,
                                   f"segment {seg.id} ({seg.input} -> {seg.output})", J=J)
         self.bpfm[seg.input] = self.abandon(seg.input, x_hat)

@@ -8,7 +8,6 @@ gives Delta = 0.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -18,13 +17,19 @@ from torch.func import jvp, vjp
 from ..errors import NAFlowError
 
 
+DEFAULT_DAMP = 1.0   # chosen by the evaluation benchmark (docs/method.md "Damping default")
+
+
 @dataclass
 class SolverOptions:
-    damp: float = 1.0          # = flow.DEFAULT_DAMP
+    damp: float = DEFAULT_DAMP
     tol: float = 1e-4          # normal-equation residual to stop at
     max_iter: int = 2000
     power_iter: int = 8
     conv_inverse: str = "lsq"  # or "paper"
+    # the unoptimised path (torch.func JVP/VJP of whole joint segments, one CG for all channels
+    # of a depthwise conv), kept to check the fast path against
+    reference: bool = False
     dense_limit_bytes: int = 512 * 1024**2
     # per-model memo of point-independent quantities (sigma of a conv, pinv of a 1x1 conv)
     cache: dict = field(default_factory=dict, repr=False, compare=False)
@@ -58,12 +63,6 @@ class LinearMap:
 
     def rmatvec(self, u: torch.Tensor) -> torch.Tensor:
         return self._vjp(u)[0]
-
-
-def reference_mode() -> bool:
-    """``NAFLOW_SOLVER=reference``: the unoptimised path (torch.func JVP/VJP of whole joint
-    segments, one CG for all channels of a depthwise conv), kept to check the fast path against."""
-    return os.environ.get("NAFLOW_SOLVER", "").strip().lower() == "reference"
 
 
 def _norm(t: torch.Tensor) -> float:
@@ -169,7 +168,7 @@ def solve_affine(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, y_
             if sigma_key is not None:
                 opts.cache[("sigma", sigma_key)] = sigma
     lam = opts.damp * sigma if sigma else 0.0
-    blocks = None if reference_mode() else getattr(J, "block_dims", None)
+    blocks = None if opts.reference else getattr(J, "block_dims", None)
     dx, iters, conv, misfit = cgls(J, delta, lam, opts.tol, opts.max_iter, blocks)
     if blocks is not None and not math.isfinite(conv):
         # per-channel CG broke down in float32 (seen on EfficientNet-Lite0: a near-empty channel
@@ -194,15 +193,24 @@ def dense_jacobian(J: LinearMap, limit_bytes: int, where: str = "") -> torch.Ten
     return torch.stack(rows).double()
 
 
-def dense_solve(J: LinearMap, delta: torch.Tensor, damp: float, limit_bytes: int,
-                where: str = "", sigma: float | None = None) -> torch.Tensor:
-    """Reference: the damped pseudo-inverse from the explicit Jacobian (small maps only).
-    ``sigma`` (default: the exact largest singular value) scales the damping as in the solver."""
-    M = dense_jacobian(J, limit_bytes, where)
+def damped_pinv_factors(M: torch.Tensor, damp: float, sigma: float | None = None):
+    """The damped pseudo-inverse of a matrix as SVD factors: ``(Vh.T * inv) @ U.T`` is
+    ``(M^T M + lambda^2 I)^-1 M^T`` with ``lambda = damp * sigma`` (default sigma: the largest
+    singular value), singular values below ``s_max * max(shape) * eps(float32)`` dropped.
+    Returns ``(U, inv, Vh, s_max)``; the one home of the damped pinv (dense reference solves,
+    the 1x1-conv closed form)."""
     U, S, Vh = torch.linalg.svd(M, full_matrices=False)
     lam = damp * (sigma if sigma is not None else float(S[0])) if damp > 0 else 0.0
     cutoff = float(S[0]) * max(M.shape) * torch.finfo(torch.float32).eps
     inv = torch.where(S > cutoff, S / (S * S + lam * lam), torch.zeros_like(S))
+    return U, inv, Vh, float(S[0])
+
+
+def dense_solve(J: LinearMap, delta: torch.Tensor, damp: float, limit_bytes: int,
+                where: str = "", sigma: float | None = None) -> torch.Tensor:
+    """Reference: the damped pseudo-inverse from the explicit Jacobian (small maps only).
+    ``sigma`` (default: the exact largest singular value) scales the damping as in the solver."""
+    U, inv, Vh, _ = damped_pinv_factors(dense_jacobian(J, limit_bytes, where), damp, sigma)
     dx = Vh.T @ (inv * (U.T @ delta.reshape(-1).double()))
     return dx.reshape(J.x0.shape).to(J.x0.dtype)
 

@@ -1,0 +1,39 @@
+"""Tasks for tests/test_backends.py: importable by spawned worker processes (tests/ is on their
+path), so they cannot live in the test module itself."""
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+from naflow_onnx.backends import Task
+
+
+class Square(Task):
+    """item -> (item², worker pid); item 3 raises; ``setup`` records that it ran."""
+
+    def __init__(self, fail_setup: bool = False):
+        self.fail_setup, self.ready = fail_setup, False
+
+    def setup(self) -> None:
+        if self.fail_setup:
+            raise RuntimeError("no model here")
+        self.ready = True
+
+    def __call__(self, item):
+        assert self.ready
+        if item == 3:
+            raise ValueError("three is refused\nsecond line")
+        return item * item, os.getpid()
+
+
+class Block(Task):
+    """Writes ``<folder>/<pid>`` when an item starts, then blocks for ever (until its process
+    ends): a worker that is known to be computing when its parent is killed."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def __call__(self, item):
+        Path(self.folder, str(os.getpid())).write_text(str(item))
+        threading.Event().wait()
