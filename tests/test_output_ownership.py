@@ -24,7 +24,7 @@ from PIL import Image
 from naflow_onnx import testhooks
 from naflow_onnx.check import main_baseline, main_check
 from naflow_onnx.cli import main as cli_main
-from naflow_onnx.evaluate.run import main as evaluate_main
+from naflow_onnx.evaluate.cli import main as evaluate_main
 from naflow_onnx.gallery import main as gallery_main
 from naflow_onnx.io import MARKER
 
