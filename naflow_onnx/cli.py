@@ -418,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module, function, text in (
             ("check", "check", "main_check", "gate a model on its attention over a set of images (docs/check.md)"),
             ("baseline", "check", "main_baseline", "record a trusted model's maps for `naflow check --baseline`"),
-            ("gallery", "gallery", "main", "export and analyse every registry model (docs/gallery.md)"),
+            ("gallery", "gallery_cli", "main", "export and analyse every registry model (docs/gallery.md)"),
             ("evaluate", "evaluate.cli", "main", "faithfulness and localisation of every layer's map, per method (docs/evaluation.md)")):
         c = sub.add_parser(name, help=text, add_help=False, prefix_chars="\0")
         c.add_argument("argv", nargs=argparse.REMAINDER)

@@ -25,7 +25,7 @@ from naflow_onnx import testhooks
 from naflow_onnx.check import main_baseline, main_check
 from naflow_onnx.cli import main as cli_main
 from naflow_onnx.evaluate.cli import main as evaluate_main
-from naflow_onnx.gallery import main as gallery_main
+from naflow_onnx.gallery_cli import main as gallery_main
 from naflow_onnx.io import MARKER
 
 from conftest import ROOT

@@ -446,7 +446,8 @@ def test_gallery_small(tmp_path):
     import json
 
     from naflow_onnx.errors import NAFlowError
-    from naflow_onnx.gallery import PLACEHOLDER_NOTE, build_gallery, main
+    from naflow_onnx.gallery import PLACEHOLDER_NOTE, build_gallery
+    from naflow_onnx.gallery_cli import main
 
     out = tmp_path / "gallery"
     doc = build_gallery(out, models=["conv4net", "conv64f"], image=_chelsea(), progress=False)
@@ -493,7 +494,7 @@ def test_gallery_failed_model_is_reported(tmp_path, monkeypatch):
 
     import exporters.torch_export
     from naflow_onnx.errors import NAFlowError
-    from naflow_onnx.gallery import main
+    from naflow_onnx.gallery_cli import main
 
     def broken(*args, **kwargs):
         raise NAFlowError("boom: export refused")

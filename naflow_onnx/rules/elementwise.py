@@ -6,7 +6,7 @@ import torch
 
 from ..errors import UnsupportedOpError
 from ..rebuild.elementwise import SELU_ALPHA, SELU_GAMMA
-from . import InverseRule, RuleContext
+from . import InverseRule
 from .solver import SolveRecord
 
 
