@@ -42,17 +42,19 @@ FAMILIES = {
 }
 
 
-def _median_ms(fn, repeats: int) -> float:
+def _median_ms(fn, repeats: int, sync=lambda: None) -> float:
     fn()
+    sync()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append((time.perf_counter() - t0) * 1000)
     return sorted(times)[len(times) // 2]
 
 
-def worker(name: str, size: int, threads: int, repeats: int) -> dict:
+def worker(name: str, size: int, threads: int, repeats: int, device: str = "cpu") -> dict:
     """One model, in this process: export, analyse, time."""
     import numpy as np
     import onnx
@@ -73,7 +75,7 @@ def worker(name: str, size: int, threads: int, repeats: int) -> dict:
         rng = np.random.default_rng(0)
         image = (rng.random((size, size, 3)) * 255).astype(np.uint8)
         try:
-            analyzer = nf.Analyzer(path, device="cpu", provider="cpu")
+            analyzer = nf.Analyzer(path, device=device, provider="cpu")
             flow = analyzer.analyze(image, keep_tensors=True)
         except NAFlowError as exc:
             rec.update(status="refused", error=str(exc).splitlines()[0][:400])
@@ -93,20 +95,22 @@ def worker(name: str, size: int, threads: int, repeats: int) -> dict:
             x = torch.from_numpy(analyzer.preprocess.to_input(
                 np.asarray(flow.image))).float()
             feats = model.forward_features(x)
+        model = model.to(device)
+        sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
         final = flow.final_layer
         fa = _tensors(flow)["A"][final].detach().cpu()
         final_ok = tuple(fa.shape) == tuple(feats.shape) and bool(
             torch.allclose(fa, feats, rtol=1e-3, atol=1e-4 * float(feats.abs().max())))
         summary = flow.solver_summary() if callable(flow.solver_summary) else flow.solver_summary
         # F+B of the torch model and a warm NAFlow, side by side
-        xg = x.clone().requires_grad_(True)
+        xg = x.clone().to(device).requires_grad_(True)
 
         def fb():
             model.zero_grad(set_to_none=True)
             model(xg)[0, 0].backward()
 
-        fb_ms = _median_ms(fb, repeats)
-        naflow_ms = _median_ms(lambda: analyzer.analyze(image), repeats)
+        fb_ms = _median_ms(fb, repeats, sync)
+        naflow_ms = _median_ms(lambda: analyzer.analyze(image), repeats, sync)
         rec.update(status="ok", layers=len(flow.layers), spatial_convs=len(convs),
                    convs_mapped=len(mapped), coverage=round(len(mapped) / max(len(convs), 1), 3),
                    final_tensor=final, final_is_features=final_ok,
@@ -130,6 +134,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="torch device of the rebuild and the F+B (cpu, cuda)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--families", default="all", help="comma list of family names or timm names")
     p.add_argument("--timeout", type=float, default=900)
@@ -138,7 +143,7 @@ def main(argv=None) -> int:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
-        print(json.dumps(worker(a.worker, a.size, a.threads, a.repeats)))
+        print(json.dumps(worker(a.worker, a.size, a.threads, a.repeats, a.device)))
         return 0
     wanted = FAMILIES if a.families == "all" else {
         k: v for k, v in FAMILIES.items() if k in a.families.split(",") or v in a.families.split(",")}
@@ -150,7 +155,8 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         try:
             proc = subprocess.run([sys.executable, __file__, "--worker", name, "--size", str(a.size),
-                                   "--threads", str(a.threads), "--repeats", str(a.repeats)],
+                                   "--threads", str(a.threads), "--repeats", str(a.repeats),
+                                   "--device", a.device],
                                   capture_output=True, text=True, timeout=a.timeout, env=env)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
             rec = json.loads(lines[-1]) if lines else {
@@ -165,7 +171,7 @@ def main(argv=None) -> int:
             f"{rec['parity']:.1e} converged {rec['all_converged']} ratio {rec['ratio']}"
             if rec["status"] == "ok" else rec.get("error", "")), flush=True)
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps({"size": a.size, "threads": a.threads,
+        Path(a.out).write_text(json.dumps({"size": a.size, "threads": a.threads, "device": a.device,
                                            "results": results}, indent=1))
     ok = sum(r["status"] == "ok" and r.get("coverage", 0) >= 0.9 and r.get("final_is_features")
              and r.get("all_converged") for r in results)
