@@ -1,0 +1,145 @@
+"""Detectors and segmenters (issue 16): several final tensors, detection and region targets,
+letterbox preprocessing; on a generated two-scale detector and on nudenet's YOLOv8n."""
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from naflow_onnx.errors import TargetError
+from naflow_onnx.flow import Analyzer
+from naflow_onnx.targets import (DetectionOptions, DetectionTarget, SegmentationOptions,
+                                 SegmentationTarget, default_task)
+
+C = 3
+
+
+class TwoScale(torch.nn.Module):
+    """A backbone, a top-down neck (Resize + Concat) and one head per scale reading P3 / P4;
+    output [1, 4+C, N] = cat(box, sigmoid(class logits)), like Ultralytics' Detect."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        conv = lambda i, o, s=1: torch.nn.Conv2d(i, o, 3, s, 1)  # noqa: E731
+        self.stem, self.down = conv(3, 8, 2), conv(8, 12, 2)
+        self.fuse = conv(20, 8)
+        self.head3, self.head4 = torch.nn.Conv2d(8, 4 + C, 1), torch.nn.Conv2d(12, 4 + C, 1)
+        for p in self.parameters():
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+    def forward(self, x):
+        s1 = torch.relu(self.stem(x))
+        p4 = torch.relu(self.down(s1))
+        up = torch.nn.functional.interpolate(p4, scale_factor=2.0, mode="nearest")
+        p3 = torch.relu(self.fuse(torch.cat([s1, up], 1)))
+        self.kept = (p3, p4)
+        out = torch.cat([self.head3(p3).flatten(2), self.head4(p4).flatten(2)], 2)
+        box = out[:, :4] * 4.0 + 16.0
+        return torch.cat([box, torch.sigmoid(out[:, 4:])], 1)
+
+
+@pytest.fixture(scope="module")
+def two_scale(tmp_path_factory):
+    net = TwoScale().eval()
+    path = tmp_path_factory.mktemp("det") / "two_scale.onnx"
+    torch.onnx.export(net, torch.zeros(1, 3, 32, 32), str(path), input_names=["images"],
+                      output_names=["output0"], opset_version=13, dynamo=False)
+    image = (np.random.RandomState(5).rand(32, 32, 3) * 255).astype(np.uint8)
+    return net, path, image
+
+
+def _torch_logit_and_grads(net, image, column, anchor):
+    x = torch.from_numpy(image.astype(np.float32) / 255).permute(2, 0, 1)[None]
+    out = net(x)
+    p3, p4 = net.kept
+    p = out[0, column, anchor]
+    z = torch.logit(p.double())
+    g3, g4 = torch.autograd.grad(z, (p3, p4))
+    return float(z), (p3.detach(), g3), (p4.detach(), g4)
+
+
+def test_two_scale_finals_parity_and_final_maps(two_scale):
+    net, path, image = two_scale
+    an = Analyzer(str(path), preprocess="none")
+    flow = an.analyze(image, objective=DetectionTarget(DetectionOptions(target=1, min_score=0.0)),
+                      keep_tensors=True)
+    plan = flow.tensors.plan
+    assert len(plan.finals) == 2                               # P3 and P4, the heads' inputs
+    shapes = sorted(tuple(flow.tensors.env[f].shape) for f in plan.finals)
+    assert shapes == [(1, 8, 16, 16), (1, 12, 8, 8)]
+    assert flow.parity["max_relative_error"] < 1e-3
+    t = flow.target
+    assert t["kind"] == "detection" and t["class"] == 1
+    z, (a3, g3), (a4, g4) = _torch_logit_and_grads(net, image, 4 + 1, t["anchor"])
+    assert t["logit"] == pytest.approx(z, rel=1e-4, abs=1e-5)  # the logit before the Sigmoid
+    # the anchor is the highest-scoring of class 1 (read from the torch model)
+    x = torch.from_numpy(image.astype(np.float32) / 255).permute(2, 0, 1)[None]
+    assert t["anchor"] == int(net(x)[0, 5].argmax())
+    # at each final tensor BPFM = A: the map is ReLU(sum_d Lambda_d A_d), Lambda from torch
+    by_shape = {tuple(flow.tensors.env[f].shape): f for f in plan.finals}
+    for a, g in ((a3, g3), (a4, g4)):
+        f = by_shape[tuple(a.shape)]
+        assert torch.equal(flow.tensors.BPFM[f], flow.tensors.env[f])
+        want = torch.relu((a * g).sum(1))[0].numpy()
+        np.testing.assert_allclose(flow.maps[f], want, rtol=1e-3, atol=1e-5)
+    # every conv before the heads is mapped; the walk reaches the stem through the neck
+    assert flow.coverage["ratio"] == 1.0
+    assert len(flow.layers) >= 4 and all(np.isfinite(m).all() for m in flow.maps.values())
+
+
+def test_two_scale_selection_and_bad_input(two_scale):
+    _, path, image = two_scale
+    an = Analyzer(str(path), preprocess="none")
+    assert default_task(an.graph.metadata, [1, 4 + C, 320]) == "detect"
+    assert default_task({}, [1, 2, 64, 64]) == "segment"
+    assert default_task({"task": "detect"}, [1, 1000]) == "detect"
+    first = an.prepare(image, objective=DetectionTarget(DetectionOptions(min_score=0.0)))
+    second = an.prepare(image, objective=DetectionTarget(DetectionOptions(detection=2, min_score=0.0)))
+    assert first.target["score"] >= second.target["score"]
+    assert second.target["anchor"] == first.target["next"][0]["anchor"]
+    with pytest.raises(TargetError, match="no box of class"):
+        an.prepare(image, objective=DetectionTarget(DetectionOptions(target=0, min_score=1.01)))
+    with pytest.raises(TargetError, match="overlaps no box"):
+        an.prepare(image, objective=DetectionTarget(DetectionOptions(box=(500, 500, 600, 600),
+                                                                     min_score=0.0)))
+    with pytest.raises(TargetError, match=r"not a segmenter's \[1, C, H, W\]"):
+        an.prepare(image, objective=SegmentationTarget(SegmentationOptions()))
+
+
+def _nudenet() -> Path:
+    spec = importlib.util.find_spec("nudenet")
+    assert spec is not None, "nudenet==3.4.2 is installed by scripts/setup.sh"
+    return Path(spec.submodule_search_locations[0]) / "320n.onnx"
+
+
+def test_nudenet_face_female_on_astronaut():
+    import skimage.data
+    image = skimage.data.astronaut()
+    # t = inf: at finite damping the SiLU self-gate inverse x/g(A) overflows on this model
+    an = Analyzer(str(_nudenet()), damp=math.inf)
+    assert an.preprocess.resize == "letterbox" and an.preprocess.size == (320, 320)
+    flow = an.analyze(image, objective=DetectionTarget(DetectionOptions(target="FACE_FEMALE")))
+    t = flow.target
+    assert t["label"] == "FACE_FEMALE" and t["score"] == pytest.approx(0.83, abs=0.02)
+    x0, y0, x1, y1 = t["box"]                      # the face, in the 512x512 photo's pixels
+    assert 150 < x0 < 200 and 60 < y0 < 110 and 250 < x1 < 300 and 160 < y1 < 200
+    assert len(flow.model["final_tensors"]) == 3
+    assert flow.coverage["ratio"] == 1.0          # every spatial conv before the head mapped
+    b = t["box_input"]
+    inside_mass = total = 0.0
+    for layer in flow.layers:
+        if not layer.final:
+            continue
+        m = np.clip(flow.maps[layer.tensor], 0, None)
+        H, W = m.shape
+        ys, xs = (np.arange(H) + .5) * 320 / H, (np.arange(W) + .5) * 320 / W
+        inside = ((ys >= b[1]) & (ys <= b[3]))[:, None] & ((xs >= b[0]) & (xs <= b[2]))[None]
+        inside_mass += float(m[inside].sum()) / H / W
+        total += float(m.sum()) / H / W
+    assert inside_mass / total > 0.7               # the box is 4 % of the input
