@@ -143,3 +143,66 @@ def test_nudenet_face_female_on_astronaut():
         inside_mass += float(m[inside].sum()) / H / W
         total += float(m.sum()) / H / W
     assert inside_mass / total > 0.7               # the box is 4 % of the input
+
+
+def _rapidocr_det() -> Path:
+    spec = importlib.util.find_spec("rapidocr_onnxruntime")
+    assert spec is not None, "rapidocr-onnxruntime==1.4.4 is installed by scripts/setup.sh"
+    return Path(spec.submodule_search_locations[0]) / "models" / "ch_PP-OCRv4_det_infer.onnx"
+
+
+@pytest.fixture(scope="module")
+def text_line():
+    from PIL import Image, ImageDraw, ImageFont
+    img = Image.new("RGB", (320, 160), "white")
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default(size=32)
+    draw.text((40, 60), "Hello World", fill="black", font=font)
+    return np.asarray(img), draw.textbbox((40, 60), "Hello World", font=font)
+
+
+def test_dbnet_text_region_on_a_rendered_line(text_line):
+    image, (bx0, by0, bx1, by1) = text_line
+    an = Analyzer(str(_rapidocr_det()), size=(160, 320))
+    assert default_task(an.graph.metadata, [1, 1, 160, 320]) == "segment"
+    flow = an.analyze(image, objective=SegmentationTarget(SegmentationOptions()))
+    t = flow.target
+    assert t["kind"] == "segmentation" and t["class"] == 0 and t["pixels"] > 500
+    # the final tensor is the input of the layer that produces the logits (a ConvTranspose)
+    final = flow.final_layer
+    readers = [n for n in an.graph.nodes if final in n.inputs]
+    assert [n.op_type for n in readers] == ["ConvTranspose"]
+    assert flow.coverage["ratio"] == 1.0
+    m = np.clip(flow.maps[final], 0, None)
+    H, W = m.shape
+    ys, xs = (np.arange(H) + .5) * 160 / H, (np.arange(W) + .5) * 320 / W
+    inside = ((ys >= by0 - 4) & (ys <= by1 + 4))[:, None] & ((xs >= bx0 - 4) & (xs <= bx1 + 4))[None]
+    assert inside.mean() < 0.15 and m[inside].sum() / m.sum() > 0.9
+    # a region outside the image is refused, naming it
+    with pytest.raises(TargetError, match="lies outside the image"):
+        an.prepare(image, objective=SegmentationTarget(SegmentationOptions(region="400,10,500,50")))
+
+
+def test_cli_dense_bad_input_exits_2(two_scale, tmp_path, capsys):
+    from PIL import Image
+    from naflow_onnx.cli import main
+    _, path, image = two_scale
+    photo = tmp_path / "in.png"
+    Image.fromarray(image).save(photo)
+    cases = [(["--task", "detect", "--box", "500,500,600,600", "--min-score", "0"], "overlaps no box"),
+             (["--task", "detect", "--target", "0", "--min-score", "1.5"], "no box of class 0"),
+             (["--task", "segment"], "is not a segmenter's [1, C, H, W]"),
+             (["--task", "detect", "--region", "1,1,5,5"], "--region does not apply")]
+    for extra, message in cases:
+        out = tmp_path / f"out{len(extra)}{extra[-1]}"
+        code = main(["analyze", str(path), str(photo), "--out", str(out), "--preprocess", "none",
+                     "--quiet", *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and message in err[0], (extra, err)
+        assert not out.exists()                     # nothing half-written
+    out = tmp_path / "ok"
+    assert main(["analyze", str(path), str(photo), "--out", str(out), "--preprocess", "none",
+                 "--quiet", "--detection", "1", "--min-score", "0"]) == 0
+    import json
+    doc = json.loads((out / "flow.json").read_text())
+    assert doc["target"]["kind"] == "detection" and len(doc["model"]["final_tensors"]) == 2
