@@ -93,6 +93,40 @@ def test_two_scale_finals_parity_and_final_maps(two_scale):
     assert len(flow.layers) >= 4 and all(np.isfinite(m).all() for m in flow.maps.values())
 
 
+def test_two_scale_properties(two_scale):
+    """METHOD.md §8 on the multi-output walk: Lambda equals torch autograd on the torch model at
+    the stem (reached through both scales), abandonment is exact, and the top segment's J (one
+    input, both finals) equals autograd's Jacobian of the segment."""
+    from naflow_onnx.rules.backproject import segment_function
+    from naflow_onnx.rules.linearize import SegmentMap
+    from naflow_onnx.rules.solver import dense_jacobian
+    net, path, image = two_scale
+    an = Analyzer(str(path), preprocess="none")
+    flow = an.analyze(image, objective=DetectionTarget(DetectionOptions(target=2, min_score=0.0)),
+                      keep_tensors=True)
+    T = flow.tensors
+    x = torch.from_numpy(image.astype(np.float32) / 255).permute(2, 0, 1)[None]
+    s1 = torch.relu(net.stem(x))
+    s1.retain_grad()
+    p4 = torch.relu(net.down(s1))
+    p3 = torch.relu(net.fuse(torch.cat([s1, torch.nn.functional.interpolate(p4, scale_factor=2.0)], 1)))
+    out = torch.cat([net.head3(p3).flatten(2), net.head4(p4).flatten(2)], 2)
+    out[0, 4 + 2, flow.target["anchor"]].backward()
+    stem = next(t for t in T.plan.features if tuple(T.env[t].shape) == (1, 8, 16, 16)
+                and an.graph.node_of(t).op_type == "Relu")
+    np.testing.assert_allclose(T.Lambda[stem].numpy(), s1.grad.numpy(), rtol=1e-4, atol=1e-6)
+    for t in set(T.plan.features) - set(T.plan.finals):          # finals: BPFM = A
+        b = T.BPFM[t]
+        assert bool((b[T.Lambda[t] == 0] == 0).all()), t          # abandonment
+    top = T.plan.segments[-1]
+    assert set(top.outputs) == set(T.plan.finals) and top.input == stem
+    J = SegmentMap(an.graph, T.env, top.nodes, top.input, top.outputs)
+    dense = dense_jacobian(J, 2**28)
+    f = segment_function(an.graph, T.env, top)
+    ref = torch.autograd.functional.jacobian(f, T.env[top.input]).reshape(dense.shape)
+    np.testing.assert_allclose(dense.numpy(), ref.double().numpy(), rtol=1e-4, atol=1e-5)
+
+
 def test_two_scale_selection_and_bad_input(two_scale):
     _, path, image = two_scale
     an = Analyzer(str(path), preprocess="none")
