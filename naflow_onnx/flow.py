@@ -352,9 +352,8 @@ class Analyzer:
         x = self.preprocess.to_input(view)
         values, par, timings = self.forward(x)
         if hasattr(objective, "bind"):
-            frame = ImageFrame(pp_mod.image_size(image) or tuple(view.shape[1::-1]),
-                               tuple(view.shape[:2]), self.preprocess.resize)
-            objective = objective.bind(mg, values, self.labels, frame)
+            objective = objective.bind(mg, values, self.labels,
+                                       ImageFrame.of(image, view, self.preprocess.resize))
         pl = self.plan_for(values, getattr(objective, "score_name", None),
                            getattr(objective, "dense", False))
         chosen = _select_layers(pl.features, mg, layers)

@@ -101,6 +101,12 @@ class ImageFrame:
     size: tuple[int, int]         # network input (h, w)
     resize: str = "crop"
 
+    @classmethod
+    def of(cls, image, view: np.ndarray, resize: str) -> "ImageFrame":
+        """The frame of ``view`` (the network-input view ``load_image`` made of ``image``)."""
+        return cls(pp_mod.image_size(image) or tuple(view.shape[1::-1]), tuple(view.shape[:2]),
+                   resize)
+
     def _affine(self):
         w0, h0 = self.original
         h, w = self.size
