@@ -108,7 +108,9 @@ def dense_target(args, analyzer):
     if task is None:
         mg = analyzer.graph
         out = next(o for o in mg.model.graph.output if o.name == mg.output_name)
-        dims = [d.dim_value if d.HasField("dim_value") else 1 for d in out.type.tensor_type.shape.dim]
+        # a dynamic dim (batch, anchors, H, W) counts as large
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 4096
+                for d in out.type.tensor_type.shape.dim]
         task = default_task(mg.metadata, dims)
     given = [k for k in ("box", "detection", "region") if getattr(args, k, None) is not None]
     wrong = [k for k in given if (k == "region") != (task == "segment")]

@@ -58,7 +58,7 @@ def default_task(metadata: dict[str, str], output_shape) -> str:
     shape = list(output_shape)
     if len(shape) == 3 and min(shape[1:]) >= 5 and max(shape[1:]) >= 4 * min(shape[1:]):
         return "detect"
-    if len(shape) == 4 and shape[2] * shape[3] > 1:
+    if len(shape) == 4 and shape[2] * shape[3] > 1 and shape[1] < shape[2] * shape[3]:
         return "segment"
     return "classify"
 
