@@ -210,11 +210,12 @@ class DetectionTarget:
         first = 5 if objectness else 4
         tensor, col, prob = _class_logits(mg, values, mg.output_name, axis, first, ncls)
         cls = P[first:first + ncls].T                                      # N × C
-        if not prob:
-            pass                                   # the output holds probabilities (a Sigmoid)
-        elif not (cls.min() >= 0 and cls.max() <= 1):
-            cls, prob = 1 / (1 + np.exp(-cls)), False    # the output holds logits
-        scores = cls * P[4][:, None] if objectness else cls
+        obj = P[4] if objectness else None
+        if prob and not (cls.min() >= 0 and cls.max() <= 1):
+            # the output holds logits (no Sigmoid in the graph): the scores are their Sigmoid
+            cls, prob = 1 / (1 + np.exp(-cls)), False
+            obj = None if obj is None else 1 / (1 + np.exp(-obj))
+        scores = cls * obj[:, None] if objectness else cls
         cx, cy, w, h = P[:4]
         boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
 

@@ -146,6 +146,46 @@ def test_two_scale_selection_and_bad_input(two_scale):
         an.prepare(image, objective=SegmentationTarget(SegmentationOptions()))
 
 
+class V5Style(torch.nn.Module):
+    """YOLOv5's layout: [1, N, 5+C] (anchor-major) with an objectness column, the Sigmoid on
+    objectness and classes before the Concat."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(7)
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, 2, 1), torch.nn.ReLU(),
+                                        torch.nn.Conv2d(6, 8, 3, 1, 1), torch.nn.ReLU())
+        self.head = torch.nn.Conv2d(8, 5 + C, 1)
+
+    def forward(self, x):
+        y = self.head(self.body(x)).flatten(2).transpose(1, 2)          # 1 × N × (5+C)
+        return torch.cat([y[..., :4] * 4 + 16, torch.sigmoid(y[..., 4:5]),
+                          torch.sigmoid(y[..., 5:])], 2)
+
+
+def test_v5_layout_objectness(tmp_path):
+    net = V5Style().eval()
+    path = tmp_path / "v5.onnx"
+    torch.onnx.export(net, torch.zeros(1, 3, 32, 32), str(path), input_names=["images"],
+                      output_names=["output0"], opset_version=13, dynamo=False)
+    image = (np.random.RandomState(2).rand(32, 32, 3) * 255).astype(np.uint8)
+    an = Analyzer(str(path), preprocess="none")
+    flow = an.analyze(image, objective=DetectionTarget(DetectionOptions(min_score=0.0)))
+    t = flow.target
+    x = torch.from_numpy(image.astype(np.float32) / 255).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        out = net(x)[0].numpy()
+    score = out[:, 5:] * out[:, 4:5]                   # objectness × class probability
+    anchor, c = np.unravel_index(score.argmax(), score.shape)
+    assert t["objectness"] and (t["anchor"], t["class"]) == (anchor, c)
+    assert t["score"] == pytest.approx(score[anchor, c], rel=1e-5)
+    p = out[anchor, 5 + c]
+    assert t["logit"] == pytest.approx(np.log(p / (1 - p)), rel=1e-3, abs=1e-4)
+    final = flow.layer(flow.final_layer)             # the tensor the head conv reads
+    assert (final.op_type, final.shape) == ("Relu", [1, 8, 16, 16])
+    assert flow.coverage["ratio"] == 1.0
+
+
 def _nudenet() -> Path:
     spec = importlib.util.find_spec("nudenet")
     assert spec is not None, "nudenet==3.4.2 is installed by scripts/setup.sh"
