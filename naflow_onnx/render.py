@@ -37,7 +37,13 @@ def _title(flow) -> str:
 
 
 def _draw_box(ax, target: dict) -> None:
-    """The explained box of a detection target, in network-input pixels (the overlay's frame)."""
+    """The explained box of a detection target, in network-input pixels (the overlay's frame);
+    a letterboxed input is shown without its padding (the original image's area)."""
+    frame = target.get("frame") or {}
+    if frame.get("resize") == "letterbox":
+        (w0, h0), scale, (left, top) = frame["original_size"], frame["scale"], frame["offset"]
+        ax.set_xlim(left - 0.5, left + round(w0 * scale) - 0.5)
+        ax.set_ylim(top + round(h0 * scale) - 0.5, top - 0.5)
     box = target.get("box_input") if target.get("kind") == "detection" else None
     if box:
         x0, y0, x1, y1 = box
