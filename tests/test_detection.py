@@ -186,6 +186,61 @@ def test_v5_layout_objectness(tmp_path):
     assert flow.coverage["ratio"] == 1.0
 
 
+class TinySegmenter(torch.nn.Module):
+    """Encoder (stride 2), decoder (ConvTranspose), a 1×1 logit conv, Softmax over 2 classes."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(11)
+        self.enc = torch.nn.Conv2d(3, 6, 3, 2, 1)
+        self.dec = torch.nn.ConvTranspose2d(6, 5, 2, 2)
+        self.logits = torch.nn.Conv2d(5, 2, 1)
+
+    def forward(self, x):
+        e = torch.relu(self.enc(x))
+        d = torch.relu(self.dec(e))
+        self.kept = (e, d)
+        return torch.softmax(self.logits(d), 1)
+
+
+def test_generated_segmenter_region_target(tmp_path):
+    net = TinySegmenter().eval()
+    path = tmp_path / "seg.onnx"
+    torch.onnx.export(net, torch.zeros(1, 3, 24, 24), str(path), input_names=["x"],
+                      output_names=["probs"], opset_version=13, dynamo=False)
+    image = (np.random.RandomState(4).rand(24, 24, 3) * 255).astype(np.uint8)
+    an = Analyzer(str(path), preprocess="none")
+    region = (4, 6, 16, 18)                                # x0, y0, x1, y1 in image pixels
+    flow = an.analyze(image, objective=SegmentationTarget(SegmentationOptions(target=1, region=region)),
+                      keep_tensors=True)
+    assert flow.parity["max_relative_error"] < 1e-3
+    x = torch.from_numpy(image.astype(np.float32) / 255).permute(2, 0, 1)[None]
+    net(x)
+    e, d = net.kept
+    e.retain_grad()
+    logits = net.logits(d)
+    d.retain_grad()
+    y = logits[0, 1, 6:18, 4:16].sum()                     # pixel centres inside the region
+    assert flow.target["score"] == pytest.approx(float(y), rel=1e-4)
+    assert flow.target["pixels"] == 144
+    y.backward()
+    final = flow.final_layer                               # the logit conv's input
+    assert tuple(flow.tensors.env[final].shape) == tuple(d.shape)
+    np.testing.assert_allclose(flow.maps[final], torch.relu((d * d.grad).sum(1))[0].detach().numpy(),
+                               rtol=1e-4, atol=1e-6)
+    enc = next(t for t in flow.tensors.plan.features if tuple(flow.tensors.env[t].shape) == tuple(e.shape)
+               and an.graph.node_of(t).op_type == "Relu")
+    np.testing.assert_allclose(flow.tensors.Lambda[enc].numpy(), e.grad.numpy(), rtol=1e-4, atol=1e-6)
+    b = flow.tensors.BPFM[enc]
+    assert bool((b[flow.tensors.Lambda[enc] == 0] == 0).all())       # abandonment
+    # the default class is the one predicted on most pixels, over those pixels
+    auto = an.prepare(image, objective=SegmentationTarget(SegmentationOptions()))
+    counts = np.bincount(net(x).argmax(1).reshape(-1).numpy(), minlength=2)
+    assert auto.target["class"] == int(counts.argmax()) and auto.target["pixels"] == counts.max()
+    with pytest.raises(TargetError, match="lies outside the image"):
+        an.prepare(image, objective=SegmentationTarget(SegmentationOptions(region=(30, 30, 40, 40))))
+
+
 def _nudenet() -> Path:
     spec = importlib.util.find_spec("nudenet")
     assert spec is not None, "nudenet==3.4.2 is installed by scripts/setup.sh"
