@@ -163,13 +163,17 @@ class V5Style(torch.nn.Module):
                           torch.sigmoid(y[..., 5:])], 2)
 
 
+def _exported(net, path: Path, side: int, seed: int):
+    """``net`` exported to ``path`` (legacy exporter, opset 13), an Analyzer on it, a random image."""
+    torch.onnx.export(net, torch.zeros(1, 3, side, side), str(path), input_names=["x"],
+                      output_names=["out"], opset_version=13, dynamo=False)
+    image = (np.random.RandomState(seed).rand(side, side, 3) * 255).astype(np.uint8)
+    return Analyzer(str(path), preprocess="none"), image
+
+
 def test_v5_layout_objectness(tmp_path):
     net = V5Style().eval()
-    path = tmp_path / "v5.onnx"
-    torch.onnx.export(net, torch.zeros(1, 3, 32, 32), str(path), input_names=["images"],
-                      output_names=["output0"], opset_version=13, dynamo=False)
-    image = (np.random.RandomState(2).rand(32, 32, 3) * 255).astype(np.uint8)
-    an = Analyzer(str(path), preprocess="none")
+    an, image = _exported(net, tmp_path / "v5.onnx", 32, 2)
     flow = an.analyze(image, objective=DetectionTarget(DetectionOptions(min_score=0.0)))
     t = flow.target
     x = torch.from_numpy(image.astype(np.float32) / 255).permute(2, 0, 1)[None]
@@ -205,11 +209,7 @@ class TinySegmenter(torch.nn.Module):
 
 def test_generated_segmenter_region_target(tmp_path):
     net = TinySegmenter().eval()
-    path = tmp_path / "seg.onnx"
-    torch.onnx.export(net, torch.zeros(1, 3, 24, 24), str(path), input_names=["x"],
-                      output_names=["probs"], opset_version=13, dynamo=False)
-    image = (np.random.RandomState(4).rand(24, 24, 3) * 255).astype(np.uint8)
-    an = Analyzer(str(path), preprocess="none")
+    an, image = _exported(net, tmp_path / "seg.onnx", 24, 4)
     region = (4, 6, 16, 18)                                # x0, y0, x1, y1 in image pixels
     flow = an.analyze(image, objective=SegmentationTarget(SegmentationOptions(target=1, region=region)),
                       keep_tensors=True)
