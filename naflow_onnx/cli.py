@@ -30,7 +30,8 @@ def _damp(text: str) -> float:
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("preprocessing (default: the model's metadata, else imagenet)")
-    g.add_argument("--preprocess", choices=["imagenet", "caffe-bgr", "none"])
+    g.add_argument("--preprocess", choices=["imagenet", "caffe-bgr", "none", "yolo"],
+                   help="yolo: RGB / 255, letterboxed (Ultralytics)")
     g.add_argument("--mean", type=_floats, help="per-channel mean, e.g. 0.485,0.456,0.406")
     g.add_argument("--std", type=_floats, help="per-channel std")
     g.add_argument("--size", type=_size, help="input size, e.g. 224 or 224x160 (H x W)")
@@ -87,6 +88,8 @@ def analyzer_from_args(args):
 
 def _summary(flow, folder: Path) -> dict:
     t = flow.target
+    if t.get("kind") in ("detection", "segmentation") and t.get("probability") is None:
+        t = {**t, "probability": t.get("score") if t["kind"] == "detection" else None}
     return {"image": flow.input["path"], "out": str(folder), "target": t.get("index"),
             "label": t.get("label"), "probability": t.get("probability"),
             "layers": len(flow.layers), "final_layer": flow.final_layer,
@@ -94,6 +97,32 @@ def _summary(flow, folder: Path) -> dict:
             "solver": flow.solver_summary(), "seconds": round(flow.timings["total_s"], 3),
             "similarity": ({k: t.get(k) for k in ("mode", "reference", "prediction", "cosine", "ranking")}
                            if t.get("kind") == "similarity" else None)}
+
+
+def dense_target(args, analyzer):
+    """--task detect|segment (or the model's default task) as the library's target spec, or
+    None for a class or similarity target."""
+    from .targets import (DetectionOptions, DetectionTarget, SegmentationOptions,
+                          SegmentationTarget, default_task, parse_box)
+    task = getattr(args, "task", None)
+    if task is None:
+        mg = analyzer.graph
+        out = next(o for o in mg.model.graph.output if o.name == mg.output_name)
+        # a dynamic dim (batch, anchors, H, W) counts as large
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 4096
+                for d in out.type.tensor_type.shape.dim]
+        task = default_task(mg.metadata, dims)
+    given = [k for k in ("box", "detection", "region") if getattr(args, k, None) is not None]
+    wrong = [k for k in given if (k == "region") != (task == "segment")]
+    if wrong:
+        raise NAFlowError(f"--{wrong[0]} does not apply to task '{task}'")
+    if task == "detect":
+        return DetectionTarget(DetectionOptions(
+            target=args.target, box=parse_box(args.box) if args.box else None,
+            detection=args.detection, min_score=args.min_score))
+    if task == "segment":
+        return SegmentationTarget(SegmentationOptions(target=args.target, region=args.region))
+    return None
 
 
 def _similarity_target(args):
@@ -170,7 +199,9 @@ class AnalyzeTask:
                                                  compare=args.compare, layers=args.layers,
                                                  progress=bar.update)
             else:
-                flow = self.analyzer.analyze(image, target=args.target, method=args.method,
+                dense = dense_target(args, self.analyzer) if similarity is None else None
+                flow = self.analyzer.analyze(image, target=None if dense else args.target,
+                                             method=args.method, objective=dense,
                                              compare=args.compare, layers=args.layers,
                                              progress=bar.update)
         with tempfile.TemporaryDirectory() as d:
@@ -274,7 +305,8 @@ def cmd_analyze(args) -> int:
                       f"{s['seconds']:.1f} s -> {s['out']}/flow.png")
                 continue
             label = f" '{s['label']}'" if s["label"] else ""
-            print(f"{s['image']}: class {s['target']}{label} (p={s['probability']:.3f}); "
+            prob = f" (p={s['probability']:.3f})" if s["probability"] is not None else ""
+            print(f"{s['image']}: class {s['target']}{label}{prob}; "
                   f"{s['layers']} layers mapped; parity {s['parity_max_relative_error']:.2e}; "
                   f"max solver residual {s['solver']['max_convergence']:.1e}; "
                   f"{s['seconds']:.1f} s -> {s['out']}/flow.png")
@@ -377,6 +409,18 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--method", default="naflow", choices=METHODS)
     a.add_argument("--compare", choices=METHODS, help="second method, drawn as a second row")
     a.add_argument("--layers", help="all (default), op:Conv,Relu, or a regex on tensor names")
+    dense = a.add_argument_group("detectors and segmenters (issue 16)")
+    dense.add_argument("--task", choices=["classify", "embed", "detect", "segment"],
+                       help="default: the metadata's task (Ultralytics), else from the output "
+                            "layout ([1, 4+C, N] detect, [1, C, H, W] segment), else classify")
+    dense_x = dense.add_mutually_exclusive_group()
+    dense_x.add_argument("--box", help="detect: explain the box that best overlaps x0,y0,x1,y1 "
+                         "(image pixels)")
+    dense_x.add_argument("--detection", type=int, help="detect: explain the K-th box by score (1 = best)")
+    dense.add_argument("--min-score", type=float, default=0.25,
+                       help="detect: boxes scoring below this are not candidates (default 0.25)")
+    dense.add_argument("--region", help="segment: x0,y0,x1,y1 (image pixels) or a mask image; "
+                       "default: the pixels predicted as the class")
     sim = a.add_argument_group("similarity targets (embedding models, METHOD.md §6)")
     sim_x = sim.add_mutually_exclusive_group()
     sim_x.add_argument("--reference", help="explain the similarity to this reference image")

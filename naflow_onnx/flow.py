@@ -31,6 +31,7 @@ from .forward import parity, run_graph
 from .graph import DEFAULT_MAX_BYTES, ModelGraph, Plan, embedding_tensor, load_model, plan
 from .importance import class_objective, importance, resolve_class, scores_of
 from .similarity import SimilarityObjective
+from .targets import ImageFrame, metadata_names
 from .methods import METHODS, NEEDS_BPFM, layer_map, resize_normalised
 from .rules.backproject import backproject, refusals
 from .rules.solver import DEFAULT_DAMP, SolverOptions
@@ -84,7 +85,8 @@ class Flow:
 
     @property
     def final_layer(self) -> str:
-        return next(layer.tensor for layer in self.layers if layer.final)
+        """The last final feature tensor in forward order (a multi-scale head has several)."""
+        return [layer.tensor for layer in self.layers if layer.final][-1]
 
     def layer(self, name: str) -> Layer:
         return next(layer for layer in self.layers if layer.tensor == name)
@@ -271,8 +273,8 @@ class Analyzer:
             torch.backends.cuda.matmul.allow_tf32 = False
         self.preprocess = pp_mod.resolve(self.graph.input_shape, self.graph.metadata, preprocess,
                                          mean=mean, std=std, size=size, layout=layout)
-        self.labels = labels_mod.load_labels(labels) if labels else labels_mod.from_metadata(
-            self.graph.metadata)
+        self.labels = labels_mod.load_labels(labels) if labels else (
+            labels_mod.from_metadata(self.graph.metadata) or metadata_names(self.graph.metadata))
         self.opts = SolverOptions(damp=float(damp), tol=tol, max_iter=max_iter,
                                   conv_inverse=conv_inverse, reference=reference_solver)
         self.parity_tol = parity_tol
@@ -285,10 +287,10 @@ class Analyzer:
         # the embedding before any L2 normalisation (METHOD.md §6)
         self.embedding_name = embedding_tensor(self.graph, emb) if emb else None
 
-    def plan_for(self, values, score: str | None = None) -> Plan:
-        key = (tuple(values[self.graph.input_name].shape), score)
+    def plan_for(self, values, score: str | None = None, dense: bool = False) -> Plan:
+        key = (tuple(values[self.graph.input_name].shape), score, dense)
         if key not in self._plans:
-            pl = plan(self.graph, values, score)
+            pl = plan(self.graph, values, score, dense)
             cov = pl.coverage
             if cov.get("total") and cov["ratio"] < COVERAGE_WARN:
                 print(f"naflow: warning: only {cov['mapped']} of {cov['total']} spatial conv outputs "
@@ -311,7 +313,8 @@ class Analyzer:
     def embed(self, image) -> np.ndarray:
         """The embedding of an image (onnxruntime only), before L2 normalisation."""
         name = self._need_embedding()
-        view, _ = pp_mod.load_image(image, self.preprocess.size, self.max_image_pixels)
+        view, _ = pp_mod.load_image(image, self.preprocess.size, self.max_image_pixels,
+                                       self.preprocess.resize)
         captured = self.capture.run(self.preprocess.to_input(view))
         return np.asarray(captured[name], np.float64).reshape(-1)
 
@@ -338,14 +341,21 @@ class Analyzer:
                 bpfm: bool = True) -> Point:
         """Stage 1: the image at the network input, the forward pass (onnxruntime capture, torch
         rebuild, parity), the plan, the target and its importance Λ of every data tensor.
-        ``objective`` (e.g. ``similarity_objective``) replaces the class ``target``. With
+        ``objective`` (e.g. ``similarity_objective``) replaces the class ``target``; a target
+        spec with ``bind`` (``targets.DetectionTarget``, ``SegmentationTarget``) is bound to this
+        forward pass first (it chooses the box or region). With
         ``bpfm`` (a back-projection will follow), a plan with no inverse rule for a node the
         back-projection would invert is refused here, before any Λ work, naming every one."""
         mg = self.graph
-        view, note = pp_mod.load_image(image, self.preprocess.size, self.max_image_pixels)
+        view, note = pp_mod.load_image(image, self.preprocess.size, self.max_image_pixels,
+                                       self.preprocess.resize)
         x = self.preprocess.to_input(view)
         values, par, timings = self.forward(x)
-        pl = self.plan_for(values, getattr(objective, "score_name", None))
+        if hasattr(objective, "bind"):
+            objective = objective.bind(mg, values, self.labels,
+                                       ImageFrame.of(image, view, self.preprocess.resize))
+        pl = self.plan_for(values, getattr(objective, "score_name", None),
+                           getattr(objective, "dense", False))
         chosen = _select_layers(pl.features, mg, layers)
         if bpfm:
             refused = refusals(mg, pl, set(chosen))
@@ -407,7 +417,7 @@ class Analyzer:
             node = self.graph.node_of(t)
             out.append(Layer(index=i, tensor=t, node=node.name, op_type=node.op_type,
                              shape=list(point.env[t].shape), segment=point.plan.segment_of.get(t),
-                             final=t == point.plan.final, solver=records.get(t)))
+                             final=t in point.plan.finals, solver=records.get(t)))
         return out
 
     def flow(self, point: Point, method: str = "naflow", bpfm: BPFMResult | None = None,
@@ -423,7 +433,8 @@ class Analyzer:
             model={"path": str(mg.path) if mg.path else None, "sha256": mg.sha256, "opset": mg.opset,
                    "input": mg.input_name, "input_shape": point.input_shape, "output": mg.output_name,
                    "score_tensor": point.score_tensor, "feature_layers": len(pl.features),
-                   "segments": len(pl.segments), "final_tensor": pl.final},
+                   "segments": len(pl.segments), "final_tensor": pl.final,
+                   **({"final_tensors": list(pl.finals)} if len(pl.finals) > 1 else {})},
             input={"path": str(image) if isinstance(image, (str, Path)) else None, "note": point.note,
                    "size": list(point.view.shape[:2])},
             preprocess=self.preprocess.as_dict(), target=point.target, method=method,

@@ -222,13 +222,18 @@ def _depends_on(mg: "ModelGraph", tensor: str, source: str) -> bool:
 
 @dataclass
 class Segment:
-    """A single-input single-output piece of the data path between two articulation tensors."""
+    """A single-input piece of the data path between two articulation tensors: one output, or
+    (the top segment of a model with several final tensors) the final tensors it computes."""
 
     id: int
     input: str
     output: str
     nodes: list[int]  # node indices, forward order
     joint: bool       # inverted jointly (several nodes, or one node using its input twice)
+    outputs: tuple = ()   # every output tensor (default: ``(output,)``)
+
+    def __post_init__(self):
+        self.outputs = tuple(self.outputs) or (self.output,)
 
 
 @dataclass
@@ -238,12 +243,16 @@ class Plan:
     data: set[str]                # float tensors on a path from the image to the score
     edges: nx.DiGraph             # tensor DAG of the data path
     features: list[str]           # feature tensors in forward order (mapped)
-    final: str
+    final: str                    # the last of the final tensors in forward order
     segments: list[Segment]
     segment_of: dict[str, int]    # tensor -> segment id (its producing node's segment)
     gates: dict[int, str]         # node index of Mul/Div/Add/Sub -> its frozen operand
     skipped: dict[str, str] = field(default_factory=dict)  # 4-D tensors not mapped, and why
     coverage: dict = field(default_factory=dict)  # spatial conv outputs mapped / total
+    finals: tuple = ()            # every final feature tensor (BPFM = A), forward order
+
+    def __post_init__(self):
+        self.finals = tuple(self.finals) or (self.final,)
 
     def data_inputs(self, node: RebuiltNode) -> list[str]:
         gate = self.gates.get(node.index)
@@ -367,9 +376,13 @@ def _layouts(mg: ModelGraph, data: set[str], frozen: dict[int, str],
     return layout
 
 
-def plan(mg: ModelGraph, values: dict[str, torch.Tensor], score: str | None = None) -> Plan:
-    """Decide feature tensors, final tensor and segments, given one forward pass's values.
-    ``score`` is the tensor the target is read from (default: the class score tensor)."""
+def plan(mg: ModelGraph, values: dict[str, torch.Tensor], score: str | None = None,
+         dense: bool = False) -> Plan:
+    """Decide feature tensors, final tensors and segments, given one forward pass's values.
+    ``score`` is the tensor the target is read from (default: the class score tensor);
+    ``dense``: a per-location target (a box or a region of a detector's or segmenter's output),
+    whose final tensors are the feature maps its head branches read (several for a multi-scale
+    head); otherwise the one final tensor on the dominator chain of the score."""
     score = score or mg.score_name
     def is_float(t: str) -> bool:
         v = values.get(t)
@@ -411,37 +424,50 @@ def plan(mg: ModelGraph, values: dict[str, torch.Tensor], score: str | None = No
         return v.dim() == 4 and v.shape[2] * v.shape[3] > 1
 
     idom = nx.immediate_dominators(edges, mg.input_name)
-    chain = []
-    t = score
-    while t != mg.input_name:
-        t = idom[t]
-        chain.append(t)
-    final = next((t for t in chain if feature_map(t) and spatial(t)), None)
-    if final is None:
-        raise ModelError("no 4-D feature tensor (N×C×H×W after a convolution, H·W > 1) lies on "
-                         "every path from the image to the score: nothing to map")
-
-    upstream = nx.ancestors(edges, final) | {final}
-    sub = edges.subgraph(upstream)
     order = {t: i for i, t in enumerate(nx.lexicographical_topological_sort(
         full, key=lambda t: mg.producer.get(t, -1)))}
-    artic = sorted(chain[chain.index(final):], key=order.get)
+    if dense:
+        finals = _dense_finals(edges, idom, score, mg.input_name,
+                               lambda t: feature_map(t) and spatial(t))
+        finals = sorted(finals, key=order.get)
+    else:
+        chain = _dominators(idom, score, mg.input_name)
+        final = next((t for t in chain if feature_map(t) and spatial(t)), None)
+        finals = [final] if final is not None else []
+    if not finals:
+        raise ModelError("no 4-D feature tensor (N×C×H×W after a convolution, H·W > 1) lies on "
+                         "every path from the image to the score: nothing to map")
+    final = finals[-1]
+
+    upstream = set().union(*(nx.ancestors(edges, f) | {f} for f in finals))
+    sub = edges.subgraph(upstream)
+    # the articulation tensors below the finals: every path from the image to a final passes
+    # through them (one final: its dominators; several: those of a sink reading all of them)
+    sink = ("naflow", "sink")
+    top = nx.DiGraph(sub)
+    top.add_edges_from((f, sink) for f in finals)
+    artic = sorted(_dominators(nx.immediate_dominators(top, mg.input_name), sink, mg.input_name),
+                   key=order.get)
 
     segments: list[Segment] = []
     segment_of: dict[str, int] = {}
-    for a, b in zip(artic, artic[1:]):
-        inner = (nx.descendants(sub, a) & nx.ancestors(sub, b)) | {b}
+    stops = artic + ([] if len(finals) == 1 else [None])
+    for a, b in zip(stops, stops[1:]):
+        outs = [b] if b is not None else [f for f in finals if f not in artic]
+        inner = set().union(*((nx.descendants(sub, a) & nx.ancestors(sub, o)) | {o} for o in outs))
         nodes = sorted({mg.producer[t] for t in inner})
         first = mg.nodes[nodes[0]]
         ins = [t for t in first.inputs if t in data and t != gates.get(first.index)]
         joint = len(nodes) > 1 or len(ins) != 1
-        seg = Segment(id=len(segments), input=a, output=b, nodes=nodes, joint=joint)
+        seg = Segment(id=len(segments), input=a, output=outs[-1], nodes=nodes, joint=joint,
+                      outputs=tuple(outs))
         segments.append(seg)
         for t in inner:
             segment_of[t] = seg.id
 
     features, skipped = [], {}
-    everything = nx.ancestors(full, final) | {final} | (valued - {score})
+    everything = set().union(*(nx.ancestors(full, f) for f in finals)) | set(finals) \
+        | (valued - {score})
     for t in sorted(everything, key=order.get):
         v = values[t]
         if t == mg.input_name or v.dim() != 4:
@@ -457,15 +483,51 @@ def plan(mg: ModelGraph, values: dict[str, torch.Tensor], score: str | None = No
             skipped[t] = "spatial size 1×1"
         else:
             features.append(t)
+    # a dense target's head (after the finals) predicts per location: its convs are not counted
+    head = set().union(*(nx.descendants(edges, f) for f in finals)) - upstream if dense else set()
     convs = [o for n in mg.nodes if ops.makes_features(n)
-             for o in n.outputs if o in valued and spatial(o)]
+             for o in n.outputs if o in valued and spatial(o) and o not in head]
     mapped = set(features)
     unmapped = [t for t in convs if t not in mapped]
     coverage = {"mapped": len(convs) - len(unmapped), "total": len(convs),
                 "ratio": (len(convs) - len(unmapped)) / len(convs) if convs else 1.0,
                 "unmapped": unmapped}
     return Plan(data=data, edges=sub, features=features, final=final, segments=segments,
-                segment_of=segment_of, gates=gates, skipped=skipped, coverage=coverage)
+                segment_of=segment_of, gates=gates, skipped=skipped, coverage=coverage,
+                finals=tuple(finals))
+
+
+def _dominators(idom: dict, t, start: str) -> list:
+    """The dominators of ``t`` from its immediate one down to ``start``."""
+    chain = []
+    while t != start:
+        t = idom[t]
+        chain.append(t)
+    return chain
+
+
+def _dense_finals(edges: nx.DiGraph, idom: dict, score: str, start: str, is_feature) -> set[str]:
+    """The final tensors of a per-location target (detector, segmenter; METHOD.md §4): the last
+    spatial feature tensors on the paths to the score (a detector's per-scale prediction maps,
+    a segmenter's logits), each replaced by the tensor its head branch reads: its nearest
+    dominator that is a spatial feature tensor (YOLOv8's box and class towers read one neck
+    output; a segmenter's logit layer reads one feature map). Every path from the image to the
+    score passes through one of them."""
+    last, stack, seen = set(), [score], {score}
+    while stack:
+        t = stack.pop()
+        if t != score and is_feature(t):
+            last.add(t)
+            continue
+        for p in edges.predecessors(t):
+            if p not in seen:
+                seen.add(p)
+                stack.append(p)
+    finals = set()
+    for h in last:
+        d = next((t for t in _dominators(idom, h, start) if is_feature(t)), None)
+        finals.add(d if d is not None else h)
+    return finals
 
 
 def metadata_json(mg: ModelGraph, key: str):

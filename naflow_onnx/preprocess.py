@@ -28,6 +28,9 @@ PRESETS = {
     "caffe-bgr": dict(mean=[104.0, 117.0, 123.0], std=[1.0, 1.0, 1.0], divisor=1.0,
                       channel_order="BGR"),
     "none": dict(mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0], divisor=255.0, channel_order="RGB"),
+    # Ultralytics exports (YOLOv5/v8 ...): RGB / 255, the whole image letterboxed to imgsz
+    "yolo": dict(mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0], divisor=255.0, channel_order="RGB",
+                 resize="letterbox"),
 }
 
 
@@ -42,6 +45,7 @@ class Preprocess:
     size: tuple | None = None     # (height, width)
     channels: int = 3
     source: str = "default"       # default | preset | metadata | options
+    resize: str = "crop"          # crop (shorter side, centre crop) | letterbox (YOLO: pad 114)
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -100,10 +104,22 @@ def _divisor(d: dict, default: float) -> float:
     return default
 
 
+def _ultralytics(metadata: dict[str, str]) -> Preprocess | None:
+    """Ultralytics' metadata (``task``, ``imgsz``): the ``yolo`` preset at imgsz."""
+    if "task" not in metadata or "imgsz" not in metadata:
+        return None
+    try:
+        size = json.loads(metadata["imgsz"])
+    except json.JSONDecodeError:
+        return None
+    size = (size, size) if isinstance(size, int) else tuple(int(v) for v in size)
+    return replace(preset("yolo"), size=size, source="metadata")
+
+
 def from_metadata(metadata: dict[str, str]) -> Preprocess | None:
     raw = metadata.get(METADATA_KEY)
     if not raw:
-        return None
+        return _ultralytics(metadata)
     try:
         d = json.loads(raw)
     except json.JSONDecodeError:
@@ -128,7 +144,7 @@ def resolve(input_shape: list, metadata: dict[str, str], name: str | None = None
     base = preset(name) if name else (from_metadata(metadata) or Preprocess())
     pp = _from_options(base, **overrides)
     dims = list(input_shape)
-    if overrides.get("layout") is None and base.source != "metadata":
+    if overrides.get("layout") is None:
         if dims[1] in (1, 3) and dims[3] not in (1, 3):
             pp = replace(pp, layout="NCHW")
         elif dims[3] in (1, 3) and dims[1] not in (1, 3):
@@ -203,12 +219,14 @@ def open_image(path, max_pixels: int | None = None) -> Image.Image:
     return img
 
 
-def load_image(source, size: tuple[int, int],
-               max_pixels: int | None = None) -> tuple[np.ndarray, str | None]:
+def load_image(source, size: tuple[int, int], max_pixels: int | None = None,
+               resize: str = "crop") -> tuple[np.ndarray, str | None]:
     """An image path, PIL image or H×W×3 uint8 array -> (uint8 view at ``size``, note).
 
-    The shorter side is resized to cover ``size``, then the centre is cropped. A path is read
-    with ``open_image`` (``max_pixels``: its pixel limit).
+    ``crop``: the shorter side is resized to cover ``size``, then the centre is cropped.
+    ``letterbox``: the longer side is resized to fit, the rest padded with grey 114 on both
+    sides (``letterbox_transform`` maps between the two). A path is read with ``open_image``
+    (``max_pixels``: its pixel limit).
     """
     if isinstance(source, np.ndarray):
         if source.ndim == 2:
@@ -224,11 +242,40 @@ def load_image(source, size: tuple[int, int],
     view, note = _to_rgb_uint8(img, where)
     h, w = size
     img = Image.fromarray(view)
+    if resize == "letterbox":
+        scale, left, top = letterbox_transform((img.width, img.height), size)
+        new = (round(img.width * scale), round(img.height * scale))
+        out = np.full((h, w, 3), 114, np.uint8)
+        out[top:top + new[1], left:left + new[0]] = np.asarray(img.resize(new, Image.BILINEAR))
+        return out, note
     scale = max(h / img.height, w / img.width)
     new = (max(w, round(img.width * scale)), max(h, round(img.height * scale)))
     img = img.resize(new, Image.BILINEAR)
     left, top = (img.width - w) // 2, (img.height - h) // 2
     return np.asarray(img.crop((left, top, left + w, top + h)), dtype=np.uint8), note
+
+
+def letterbox_transform(original_size: tuple[int, int], size: tuple[int, int]):
+    """(scale, left, top): network-input pixel = original pixel * scale + (left, top) after a
+    letterbox of an image of ``original_size`` = (width, height) into ``size`` = (h, w)."""
+    w0, h0 = original_size
+    h, w = size
+    scale = min(h / h0, w / w0)
+    new_w, new_h = round(w0 * scale), round(h0 * scale)
+    return scale, (w - new_w) // 2, (h - new_h) // 2
+
+
+def image_size(source) -> tuple[int, int] | None:
+    """(width, height) of an image path, PIL image or array (None when unknown)."""
+    if isinstance(source, np.ndarray):
+        return int(source.shape[1]), int(source.shape[0])
+    if isinstance(source, Image.Image):
+        return source.width, source.height
+    try:
+        with Image.open(source) as img:
+            return img.width, img.height
+    except Exception:
+        return None
 
 
 def map_box(box, original_size: tuple[int, int], size: tuple[int, int]) -> list[int]:

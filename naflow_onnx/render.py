@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import matplotlib
+import matplotlib.patches
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -21,12 +22,33 @@ def _title(flow) -> str:
     if t.get("kind") == "class":
         what = f"class {t['index']}" + (f" '{t['label']}'" if t.get("label") else "")
         what += f" (p={t['probability']:.2f})"
+    elif t.get("kind") == "detection":
+        what = f"box of class {t['index']}" + (f" '{t['label']}'" if t.get("label") else "")
+        what += f" (score {t['score']:.2f}, logit {t.get('logit', float('nan')):.2f})"
+    elif t.get("kind") == "segmentation":
+        what = f"class {t['index']}" + (f" '{t['label']}'" if t.get("label") else "")
+        what += f" over {t.get('region')} ({t.get('pixels')} output pixels)"
     else:
         what = f"similarity to {t.get('description', 'reference')}"
         if t.get("cosine") is not None:
             what += f" (cosine {t['cosine']:.3f})"
     model = flow.model.get("path") or "model"
     return f"{flow.method} attention flow  ·  {model.split('/')[-1]}  ·  {what}"
+
+
+def _draw_box(ax, target: dict) -> None:
+    """The explained box of a detection target, in network-input pixels (the overlay's frame);
+    a letterboxed input is shown without its padding (the original image's area)."""
+    frame = target.get("frame") or {}
+    if frame.get("resize") == "letterbox":
+        (w0, h0), scale, (left, top) = frame["original_size"], frame["scale"], frame["offset"]
+        ax.set_xlim(left - 0.5, left + round(w0 * scale) - 0.5)
+        ax.set_ylim(top + round(h0 * scale) - 0.5, top - 0.5)
+    box = target.get("box_input") if target.get("kind") == "detection" else None
+    if box:
+        x0, y0, x1, y1 = box
+        ax.add_patch(matplotlib.patches.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False,
+                                                  edgecolor="white", linewidth=0.8))
 
 
 def flow_figure(flow, max_columns: int = 12, thumb: float = 1.25, caption: str | None = None,
@@ -55,6 +77,7 @@ def flow_figure(flow, max_columns: int = 12, thumb: float = 1.25, caption: str |
         for k, (name, src, use_compare) in enumerate(sources):
             ax = axes[block * per_block + k][col]
             ax.imshow(overlay(src.image, src.resized(layer.tensor, compare=use_compare)))
+            _draw_box(ax, src.target)
             h, w = layer.shape[2], layer.shape[3]
             label = f"{i}: {layer.op_type} {h}×{w}"
             if per_block > 1 and col == 0:

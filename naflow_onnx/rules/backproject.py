@@ -33,7 +33,10 @@ def segment_function(mg: ModelGraph, env: dict, seg: Segment) -> Callable[[torch
     def f(x: torch.Tensor) -> torch.Tensor:
         local = dict(env)
         local[seg.input] = x
-        return run_nodes(mg, local, seg.nodes)[seg.output]
+        out = run_nodes(mg, local, seg.nodes)
+        if len(seg.outputs) == 1:
+            return out[seg.output]
+        return torch.cat([out[o].reshape(-1) for o in seg.outputs])
     return f
 
 
@@ -54,11 +57,12 @@ class BackProjection:
 
     def run(self, progress: Callable[[int], None] | None = None,
             needed: set[str] | None = None) -> dict[str, torch.Tensor]:
-        """Walk back from the final tensor far enough to reach every tensor in ``needed``
+        """Walk back from the final tensors far enough to reach every tensor in ``needed``
         (default: every feature tensor)."""
         plan = self.plan
-        self.bpfm[plan.final] = self.env[plan.final].detach()
-        self.records[plan.final] = {"rule": "final", "kind": "identity"}
+        for final in plan.finals:
+            self.bpfm[final] = self.env[final].detach()
+            self.records[final] = {"rule": "final", "kind": "identity"}
         features = set(plan.features) if needed is None else set(needed)
 
         for seg in reversed(walked(self.mg, plan, features)):
@@ -89,9 +93,11 @@ class BackProjection:
         mg, env = self.mg, self.env
         f = segment_function(mg, env, seg)
         # J linearised once at the forward point (reference mode: torch.func on the whole segment)
-        J = None if self.opts.reference else SegmentMap(mg, env, seg.nodes, seg.input, seg.output)
-        x_hat, rec = solve_affine(f, env[seg.input], self.bpfm[seg.output], self.opts,
-                                  f"segment {seg.id} ({seg.input} -> {seg.output})", J=J)
+        J = None if self.opts.reference else SegmentMap(mg, env, seg.nodes, seg.input, seg.outputs)
+        target = self.bpfm[seg.output] if len(seg.outputs) == 1 else \
+            torch.cat([self.bpfm[o].reshape(-1) for o in seg.outputs])
+        x_hat, rec = solve_affine(f, env[seg.input], target, self.opts,
+                                  f"segment {seg.id} ({seg.input} -> {', '.join(seg.outputs)})", J=J)
         self.bpfm[seg.input] = self.abandon(seg.input, x_hat)
         self.records[seg.input] = {"rule": "segment", "segment": seg.id, "nodes": len(seg.nodes),
                                    **rec.as_dict()}
@@ -123,8 +129,9 @@ class _SegmentWalk:
     def __init__(self, bp: BackProjection, seg: Segment):
         self.bp, self.seg = bp, seg
         mg, plan = bp.mg, bp.plan
-        self.inner = {o for i in seg.nodes for o in mg.nodes[i].outputs if o in plan.data} - {seg.output}
-        self.tensors = self.inner | {seg.output}
+        self.inner = {o for i in seg.nodes for o in mg.nodes[i].outputs if o in plan.data} \
+            - set(seg.outputs)
+        self.tensors = self.inner | set(seg.outputs)
         self.readers: dict[str, list[int]] = {}
         for idx in seg.nodes:
             for t in dict.fromkeys(plan.data_inputs(mg.nodes[idx])):
@@ -292,7 +299,7 @@ def walked(mg: ModelGraph, plan: Plan, features: set[str]) -> list[Segment]:
     """The segments the walk back inverts to reach ``features``: segments before the first one
     that holds a feature tensor (preprocessing) are not needed."""
     def maps_something(seg: Segment) -> bool:
-        inner = {o for i in seg.nodes for o in mg.nodes[i].outputs} - {seg.output}
+        inner = {o for i in seg.nodes for o in mg.nodes[i].outputs} - set(seg.outputs)
         return seg.input in features or bool(inner & features)
     first = next((i for i, seg in enumerate(plan.segments) if maps_something(seg)),
                  len(plan.segments))

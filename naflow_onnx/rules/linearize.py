@@ -91,12 +91,20 @@ def _node_fn(node, env, tangent_inputs, out_names):
 
 class SegmentMap(LinearMap):
     """J of the nodes ``node_ids`` (forward order) from tensor ``input`` to tensor ``output``,
-    with every other tensor at its value in ``env`` (the forward activations)."""
+    with every other tensor at its value in ``env`` (the forward activations). ``output`` may be
+    several tensors (a top segment ending in several final tensors): J's rows are theirs,
+    flattened and concatenated."""
 
-    def __init__(self, mg, env: dict, node_ids, input: str, output: str):
+    def __init__(self, mg, env: dict, node_ids, input: str, output):
         self.x0 = env[input].detach()
-        self.y0 = env[output].detach()
-        self.input, self.output = input, output
+        outputs = (output,) if isinstance(output, str) else tuple(output)
+        if len(outputs) == 1:
+            output = outputs[0]
+            self.y0 = env[output].detach()
+        else:
+            self.y0 = torch.cat([env[o].detach().reshape(-1) for o in outputs])
+        self.input, self.output, self.outputs = input, output, outputs
+        self._shapes = [env[o].shape for o in outputs]
         self.steps: list[_Step] = []
         tangent = {input}
         for idx in node_ids:
@@ -178,12 +186,20 @@ class SegmentMap(LinearMap):
                 out = jvp(f, primals, tuple(tan[t] for t in s.ins))[1]
                 for o, t in zip(s.outs, out if isinstance(out, tuple) else (out,)):
                     tan[o] = t
+        if len(self.outputs) > 1:
+            return torch.cat([tan[o].reshape(-1) if o in tan else
+                              torch.zeros(s.numel(), dtype=self.y0.dtype, device=self.y0.device)
+                              for o, s in zip(self.outputs, self._shapes)])
         out = tan.get(self.output)
         return torch.zeros_like(self.y0) if out is None else out
 
     # ------------------------------------------------------------------------------ Jᵀ·u
     def rmatvec(self, u: torch.Tensor) -> torch.Tensor:
-        cot = {self.output: u}
+        if len(self.outputs) > 1:
+            cot = dict(zip(self.outputs, (p.reshape(s) for p, s in zip(
+                torch.split(u, [s.numel() for s in self._shapes]), self._shapes))))
+        else:
+            cot = {self.output: u}
 
         def give(name, value):
             have = cot.get(name)
