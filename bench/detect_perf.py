@@ -10,7 +10,7 @@ Side by side in one process, on skimage's astronaut with ``--target FACE_FEMALE`
            onnxruntime capture, parity, plan, target, Lambda, back-projection, maps)
 
 Wall-clock medians over --repeats after one warm-up; torch and onnxruntime at --threads.
-Damping: t = inf and the default t (which diverges on this model, see docs/method.md).
+Damping: t = inf and the default t = 1.
 """
 from __future__ import annotations
 

@@ -21,6 +21,20 @@ def safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
                        torch.zeros_like(num))
 
 
+# A frozen gate below this share of its tensor's largest gate counts as closed (docs/method.md
+# "Gate floor"): dividing by it would amplify BPFM_out over 1000-fold, and such amplified values
+# grow without bound through the inverses upstream (YOLOv8n's SiLU gates reach 1e-10 in its
+# neck and the walk diverged at t = 1). Its Lambda is as small, so the maps lose nothing.
+GATE_FLOOR = 1e-3
+
+
+def open_gate(gate: torch.Tensor) -> torch.Tensor:
+    """The gate with every value under GATE_FLOOR times its largest magnitude set to 0 (closed:
+    ``safe_div`` abandons those neurons)."""
+    top = float(gate.abs().max()) if gate.numel() else 0.0
+    return torch.where(gate.abs() >= GATE_FLOOR * top, gate, torch.zeros_like(gate))
+
+
 class BatchNormRule(InverseRule):
     summary = "exact element-wise affine (Eq. 11); a zero scale abandons its channel"
 
@@ -106,7 +120,10 @@ class ArithmeticRule(InverseRule):
         op = node.op_type
         if ctx.gate is not None:
             x = a if b == ctx.gate else b
-            return {x: self._with_constant(node, x, a, env[ctx.gate], env[x], y)}, _exact()
+            frozen = env[ctx.gate]
+            if node.op_type == "Mul":   # a gate (SE/CBAM/BAM, the g of a decomposed self-gate)
+                frozen = open_gate(frozen)
+            return {x: self._with_constant(node, x, a, frozen, env[x], y)}, _exact()
         if len(ctx.data_inputs) == 2:
             if op not in ("Add", "Sub"):
                 raise UnsupportedOpError(f"{node.where()}: {op} of two data tensors (neither a "

@@ -18,7 +18,7 @@ import torch
 from ..rebuild.gated import GATES
 from ..rebuild.norm import norm_terms
 from . import InverseRule
-from .elementwise import safe_div
+from .elementwise import open_gate, safe_div
 from .solver import SolveRecord
 
 
@@ -51,7 +51,7 @@ class NormRule(InverseRule):
 
 class SelfGatedRule(InverseRule):
     summary = ("self-gated activation y = x * g(x): the gate frozen at its forward value, "
-               "x_hat = BPFM_out / g(A); g(A) = 0 abandons")
+               "x_hat = BPFM_out / g(A); a closed gate (g(A) under 1e-3 of the largest) abandons")
 
     @staticmethod
     def frozen_diagonal(node, env) -> torch.Tensor:
@@ -60,7 +60,8 @@ class SelfGatedRule(InverseRule):
 
     def invert(self, ctx):
         x = ctx.node.inputs[0]
-        return {x: safe_div(ctx.bpfm_out[ctx.output()], forward_gate(ctx.node, ctx.env))}, \
+        gate = open_gate(forward_gate(ctx.node, ctx.env))
+        return {x: safe_div(ctx.bpfm_out[ctx.output()], gate)}, \
             SolveRecord(kind="exact")
 
 
