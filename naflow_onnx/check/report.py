@@ -263,7 +263,7 @@ def _flow_section(k: int, entry: dict, flow, region, baseline, matching) -> str:
     stab_r = (stab or {}).get("per_layer")
     diverge = (base or {}).get("diverges_at")
     bimg = baseline.image_index(entry["key"]) if baseline is not None and per_base else None
-    view = flow.image
+    view = flow.picture
     parts = []
     if diverge is not None:
         d = per_base[diverge]
@@ -392,9 +392,9 @@ def write_html(path: Path, report: dict, extras: dict, include_passing: bool = F
         if sf and san["status"] == "fail":
             a, b = sf
             final = a.final_layer
-            ia = _png(_overlay_thumb(a.image, a.resized(final), None))
-            ib = _png(_overlay_thumb(b.image, b.resized(final), None))
-            th, tw = _thumb_size(*a.image.shape[:2])
+            ia = _png(_overlay_thumb(a.picture, a.resized(final), None))
+            ib = _png(_overlay_thumb(b.picture, b.resized(final), None))
+            th, tw = _thumb_size(*a.picture.shape[:2])
             out.append('<div class="grid"><figure class="layer"><img id="sanity-trained" class="flow" '
                        f'src="{ia}" width="{tw}" height="{th}" alt="trained"><figcaption>trained model, final '
                        'layer</figcaption></figure><figure class="layer"><img id="sanity-random" class="flow" '
