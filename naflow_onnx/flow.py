@@ -117,14 +117,27 @@ class Flow:
                           .resize((w0, h0), Image.BILINEAR))
 
     def resized(self, name: str, compare: bool = False) -> np.ndarray:
-        """The map of layer ``name`` at the size of ``picture``, min-max normalised to [0, 1]:
-        the network input's size; for a letterboxed input the map is brought to network-input
-        pixels, its padding cropped and the rest resized to the original image."""
-        m = (self.compare_maps if compare else self.maps)[name]
+        """The map of layer ``name`` at the size of ``picture``, min-max normalised to [0, 1]
+        (``to_picture``)."""
+        return self.to_picture((self.compare_maps if compare else self.maps)[name])
+
+    def to_picture(self, m: np.ndarray) -> np.ndarray:
+        """A raw map at the size of ``picture``, min-max normalised to [0, 1]: the network
+        input's size; for a letterboxed input the map is brought to network-input pixels, its
+        padding cropped and the rest resized to the original image."""
         if self.letterbox is None:
             return resize_normalised(m, self.image.shape[:2])
         w0, h0 = self.letterbox["original_size"]
         return resize_normalised(self._unpad(resize(m, self.image.shape[:2])), (h0, w0))
+
+    def mask_to_picture(self, mask: np.ndarray) -> np.ndarray:
+        """A boolean mask at the network input's size in the frame of ``picture`` (nearest)."""
+        if self.letterbox is None:
+            return mask
+        from PIL import Image
+        w0, h0 = self.letterbox["original_size"]
+        cut = Image.fromarray(np.ascontiguousarray(self._unpad(mask)).astype(np.uint8) * 255)
+        return np.asarray(cut.resize((w0, h0), Image.NEAREST)) > 127
 
     def solver_summary(self) -> dict:
         return solver_summary(layer.solver for layer in self.layers)
