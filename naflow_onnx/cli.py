@@ -103,15 +103,8 @@ def dense_target(args, analyzer):
     """--task detect|segment (or the model's default task) as the library's target spec, or
     None for a class or similarity target."""
     from .targets import (DetectionOptions, DetectionTarget, SegmentationOptions,
-                          SegmentationTarget, default_task, parse_box)
-    task = getattr(args, "task", None)
-    if task is None:
-        mg = analyzer.graph
-        out = next(o for o in mg.model.graph.output if o.name == mg.output_name)
-        # a dynamic dim (batch, anchors, H, W) counts as large
-        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 4096
-                for d in out.type.tensor_type.shape.dim]
-        task = default_task(mg.metadata, dims)
+                          SegmentationTarget, model_task, parse_box)
+    task = getattr(args, "task", None) or model_task(analyzer.graph)
     given = [k for k in ("box", "detection", "region") if getattr(args, k, None) is not None]
     wrong = [k for k in given if (k == "region") != (task == "segment")]
     if wrong:

@@ -32,7 +32,7 @@ from .graph import DEFAULT_MAX_BYTES, ModelGraph, Plan, embedding_tensor, load_m
 from .importance import class_objective, importance, resolve_class, scores_of
 from .similarity import SimilarityObjective
 from .targets import ImageFrame, metadata_names
-from .methods import METHODS, NEEDS_BPFM, layer_map, resize_normalised
+from .methods import METHODS, NEEDS_BPFM, layer_map, resize, resize_normalised
 from .rules.backproject import backproject, refusals
 from .rules.solver import DEFAULT_DAMP, SolverOptions
 
@@ -91,10 +91,53 @@ class Flow:
     def layer(self, name: str) -> Layer:
         return next(layer for layer in self.layers if layer.tensor == name)
 
+    @property
+    def letterbox(self) -> dict | None:
+        """The recorded letterbox transform (``targets.ImageFrame.as_dict``: original_size,
+        scale, offset) when the input was letterboxed, else None."""
+        frame = self.target.get("frame") or {}
+        return frame if frame.get("resize") == "letterbox" else None
+
+    def _unpad(self, a: np.ndarray) -> np.ndarray:
+        """An array at the network input's size, cropped to the letterboxed image's area."""
+        lb = self.letterbox
+        (w0, h0), s, (left, top) = lb["original_size"], lb["scale"], lb["offset"]
+        return a[top:top + round(h0 * s), left:left + round(w0 * s)]
+
+    @property
+    def picture(self) -> np.ndarray:
+        """The image the overlays are drawn on: the network-input view; for a letterboxed input,
+        the view without its padding, at the original image's size (the frame of
+        ``resized`` and of the target's ``box``)."""
+        if self.letterbox is None:
+            return self.image
+        from PIL import Image
+        w0, h0 = self.letterbox["original_size"]
+        return np.asarray(Image.fromarray(np.ascontiguousarray(self._unpad(self.image)))
+                          .resize((w0, h0), Image.BILINEAR))
+
     def resized(self, name: str, compare: bool = False) -> np.ndarray:
-        """The map of layer ``name`` at the image size, min-max normalised to [0, 1]."""
-        m = (self.compare_maps if compare else self.maps)[name]
-        return resize_normalised(m, self.image.shape[:2])
+        """The map of layer ``name`` at the size of ``picture``, min-max normalised to [0, 1]
+        (``to_picture``)."""
+        return self.to_picture((self.compare_maps if compare else self.maps)[name])
+
+    def to_picture(self, m: np.ndarray) -> np.ndarray:
+        """A raw map at the size of ``picture``, min-max normalised to [0, 1]: the network
+        input's size; for a letterboxed input the map is brought to network-input pixels, its
+        padding cropped and the rest resized to the original image."""
+        if self.letterbox is None:
+            return resize_normalised(m, self.image.shape[:2])
+        w0, h0 = self.letterbox["original_size"]
+        return resize_normalised(self._unpad(resize(m, self.image.shape[:2])), (h0, w0))
+
+    def mask_to_picture(self, mask: np.ndarray) -> np.ndarray:
+        """A boolean mask at the network input's size in the frame of ``picture`` (nearest)."""
+        if self.letterbox is None:
+            return mask
+        from PIL import Image
+        w0, h0 = self.letterbox["original_size"]
+        cut = Image.fromarray(np.ascontiguousarray(self._unpad(mask)).astype(np.uint8) * 255)
+        return np.asarray(cut.resize((w0, h0), Image.NEAREST)) > 127
 
     def solver_summary(self) -> dict:
         return solver_summary(layer.solver for layer in self.layers)

@@ -36,15 +36,13 @@ def _title(flow) -> str:
     return f"{flow.method} attention flow  ·  {model.split('/')[-1]}  ·  {what}"
 
 
-def _draw_box(ax, target: dict) -> None:
-    """The explained box of a detection target, in network-input pixels (the overlay's frame);
-    a letterboxed input is shown without its padding (the original image's area)."""
-    frame = target.get("frame") or {}
-    if frame.get("resize") == "letterbox":
-        (w0, h0), scale, (left, top) = frame["original_size"], frame["scale"], frame["offset"]
-        ax.set_xlim(left - 0.5, left + round(w0 * scale) - 0.5)
-        ax.set_ylim(top + round(h0 * scale) - 0.5, top - 0.5)
-    box = target.get("box_input") if target.get("kind") == "detection" else None
+def _draw_box(ax, flow) -> None:
+    """The explained box of a detection target in the overlay's frame (``Flow.picture``): the
+    original image's pixels for a letterboxed input, else network-input pixels."""
+    t = flow.target
+    if t.get("kind") != "detection":
+        return
+    box = t.get("box") if flow.letterbox is not None else t.get("box_input")
     if box:
         x0, y0, x1, y1 = box
         ax.add_patch(matplotlib.patches.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False,
@@ -72,12 +70,13 @@ def flow_figure(flow, max_columns: int = 12, thumb: float = 1.25, caption: str |
                              squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
+    pictures = [src.picture for _, src, _ in sources]
     for i, layer in enumerate(layers):
         block, col = divmod(i, cols)
         for k, (name, src, use_compare) in enumerate(sources):
             ax = axes[block * per_block + k][col]
-            ax.imshow(overlay(src.image, src.resized(layer.tensor, compare=use_compare)))
-            _draw_box(ax, src.target)
+            ax.imshow(overlay(pictures[k], src.resized(layer.tensor, compare=use_compare)))
+            _draw_box(ax, src)
             h, w = layer.shape[2], layer.shape[3]
             label = f"{i}: {layer.op_type} {h}×{w}"
             if per_block > 1 and col == 0:

@@ -63,6 +63,15 @@ def default_task(metadata: dict[str, str], output_shape) -> str:
     return "classify"
 
 
+def model_task(mg) -> str:
+    """``default_task`` of a loaded model (``graph.ModelGraph``): its metadata and its output's
+    declared shape, a dynamic dim (batch, anchors, H, W) counting as large."""
+    out = next(o for o in mg.model.graph.output if o.name == mg.output_name)
+    dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 4096
+            for d in out.type.tensor_type.shape.dim]
+    return default_task(mg.metadata, dims)
+
+
 def parse_box(text, what: str = "--box") -> tuple[float, float, float, float]:
     """``x0,y0,x1,y1`` (image pixels) with x0 < x1 and y0 < y1."""
     try:

@@ -721,3 +721,52 @@ baseline_correlation = 0.9
     assert "The flow diverges from the baseline at layer" in html
     if name == "mobilenet-v2":
         assert_page_renders(tmp_path / "tampered" / "report.html", tmp_path, 2 * n)
+
+
+# ------------------------------------------------------------------------------------------------
+# detectors (issue 16)
+
+
+def test_detection_expectations_on_nudenet(tmp_path):
+    """nudenet's YOLOv8n, the astronaut twice (same content: one analysis, memoised): the face
+    box passes box_iou and final_mass_in_region over the 3 finals, a box elsewhere fails both."""
+    import importlib.util
+
+    import skimage.data
+    spec = importlib.util.find_spec("nudenet")
+    assert spec is not None, "nudenet==3.4.2 is installed by scripts/setup.sh"
+    model = Path(spec.submodule_search_locations[0]) / "320n.onnx"
+    (tmp_path / "imgs").mkdir()
+    for name in ("face.png", "elsewhere.png"):
+        Image.fromarray(skimage.data.astronaut()).save(tmp_path / "imgs" / name)
+    cfg = config(tmp_path, '''
+[inputs]
+images = "imgs/*.png"
+[[expect]]
+image = "imgs/face.png"
+class = "FACE_FEMALE"
+box = [173, 83, 274, 180]
+[[expect]]
+image = "imgs/elsewhere.png"
+class = "FACE_FEMALE"
+box = [300, 350, 420, 470]
+[checks]
+prediction = true
+final_mass_in_region = 0.5
+''')
+    code, report = check(model, cfg, tmp_path / "out")
+    assert code == 1 and report["checks"]["box_iou"] == 0.5          # the default threshold
+    face, other = by_check(report, "imgs/face.png"), by_check(report, "imgs/elsewhere.png")
+    assert face["prediction"]["status"] == "skip"
+    assert face["box_iou"]["status"] == "pass" and face["box_iou"]["value"] > 0.7
+    assert face["box_iou"]["score"] == pytest.approx(0.83, abs=0.02)
+    assert face["final_mass_in_region"]["status"] == "pass"
+    assert face["final_mass_in_region"]["value"] > 0.9              # measured 0.96
+    assert len(face["final_mass_in_region"]["layers"]) == 3         # the three scales combined
+    assert other["box_iou"]["status"] == "fail" and other["box_iou"]["value"] == 0.0
+    assert other["final_mass_in_region"]["status"] == "fail"
+    assert other["final_mass_in_region"]["value"] < 0.01
+    entry = next(e for e in report["images"] if e["key"] == "imgs/face.png")
+    assert entry["target"]["label"] == "FACE_FEMALE" and entry["status"] == "pass"
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert 'id="img1-layer0"' in html or 'id="img0-layer0"' in html  # the failing flow is drawn

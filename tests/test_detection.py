@@ -246,14 +246,20 @@ def _nudenet() -> Path:
     return Path(spec.submodule_search_locations[0]) / "320n.onnx"
 
 
-def test_nudenet_face_female_on_astronaut():
+@pytest.fixture(scope="module")
+def nudenet_face():
+    """nudenet's YOLOv8n on the astronaut, FACE_FEMALE (one analysis, ~4 s, shared)."""
     import skimage.data
     image = skimage.data.astronaut()
     # the default damping: closed SiLU gates in the neck (g(A) ~ 1e-10) are abandoned, not
     # divided by (docs/method.md "Gate floor"); before, the walk diverged here
     an = Analyzer(str(_nudenet()))
     assert an.preprocess.resize == "letterbox" and an.preprocess.size == (320, 320)
-    flow = an.analyze(image, objective=DetectionTarget(DetectionOptions(target="FACE_FEMALE")))
+    return an.analyze(image, objective=DetectionTarget(DetectionOptions(target="FACE_FEMALE")))
+
+
+def test_nudenet_face_female_on_astronaut(nudenet_face):
+    flow = nudenet_face
     t = flow.target
     assert t["label"] == "FACE_FEMALE" and t["score"] == pytest.approx(0.83, abs=0.02)
     x0, y0, x1, y1 = t["box"]                      # the face, in the 512x512 photo's pixels
@@ -273,6 +279,48 @@ def test_nudenet_face_female_on_astronaut():
         inside_mass += float(m[inside].sum()) / H / W
         total += float(m.sum()) / H / W
     assert inside_mass / total > 0.7               # the box is 4 % of the input
+
+
+def test_nudenet_maps_on_the_original_image(nudenet_face):
+    """Letterboxed input: maps and box in the 512x512 photo's frame, the padding cropped."""
+    flow = nudenet_face
+    lb = flow.letterbox
+    assert lb["original_size"] == [512, 512] and lb["offset"] == [0, 0]
+    assert flow.image.shape == (320, 320, 3) and flow.picture.shape == (512, 512, 3)
+    x0, y0, x1, y1 = flow.target["box"]
+    finals = [layer.tensor for layer in flow.layers if layer.final]
+    # the final with most mass (a scale can be empty: its map all zero)
+    heavy = max(finals, key=lambda f: float(np.clip(flow.maps[f], 0, None).mean()))
+    m = flow.resized(heavy)
+    assert m.shape == (512, 512) and m.min() == 0.0 and m.max() == 1.0
+    r, c = np.unravel_index(np.argmax(m), m.shape)
+    assert x0 <= c <= x1 and y0 <= r <= y1             # the map's maximum is in the face box
+    assert m[round((y0 + y1) / 2), round((x0 + x1) / 2)] > 0.5   # the box centre is hot
+    # the same map in network-input pixels, brought to the photo by hand (scale 0.625, no pad)
+    from naflow_onnx.methods import resize
+    by_hand = resize(resize(flow.maps[heavy], (320, 320)), (512, 512))
+    by_hand = (by_hand - by_hand.min()) / (by_hand.max() - by_hand.min())
+    assert np.abs(by_hand - m).max() < 1e-6
+
+
+def test_letterbox_crops_the_padding(tmp_path):
+    """A wide photo letterboxed into a square input: the map and picture drop the grey bands."""
+    from naflow_onnx.flow import Flow, Layer
+    from naflow_onnx.targets import ImageFrame
+    frame = ImageFrame((64, 32), (32, 32), "letterbox").as_dict()   # 64x32 -> 32x16, top 8
+    assert frame["scale"] == 0.5 and frame["offset"] == [0, 8]
+    view = np.full((32, 32, 3), 114, np.uint8)
+    view[8:24] = 200
+    raw = np.zeros((32, 32), np.float32)
+    raw[:8] = 5.0                                       # mass on the padding only ...
+    raw[8:24, 16:] = 1.0                                # ... and on the right half of the photo
+    flow = Flow(model={}, input={}, preprocess={}, target={"kind": "detection", "frame": frame},
+                method="naflow", layers=[Layer(0, "t", "n", "Conv", [1, 1, 32, 32], 0, True)],
+                maps={"t": raw}, image=view, parity={}, timings={}, options={})
+    assert flow.picture.shape == (32, 64, 3) and (flow.picture == 200).all()
+    m = flow.resized("t")
+    assert m.shape == (32, 64)
+    assert m[:, :28].max() == 0.0 and m[:, 36:].min() == 1.0   # the padding's 5 is gone
 
 
 def _rapidocr_det() -> Path:

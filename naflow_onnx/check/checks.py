@@ -141,15 +141,46 @@ def check_prediction(flow, expected: int, labels=None) -> dict:
                   message=msg, probability=p)
 
 
+def finals_mass_in_region(flow, region: np.ndarray) -> tuple[float, list[str]]:
+    """Share of the final layers' positive mass inside the region: each final map bilinearly
+    upsampled (not normalised) to the network input, the finals' masses inside summed over
+    their total; so each final map weighs by its share of the total mass (a detector's empty
+    scale weighs nothing). One final: ``mass_in_region``. Returns (share, the finals)."""
+    finals = [layer.tensor for layer in flow.layers if layer.final] or [flow.final_layer]
+    inside = total = 0.0
+    for t in finals:
+        up = np.maximum(resize(flow.maps[t], region.shape), 0.0)
+        inside += float(up[region].sum())
+        total += float(up.sum())
+    return (inside / total if total > 0 else 0.0), finals
+
+
 def check_mass(flow, region: np.ndarray, threshold: float) -> dict:
-    final = flow.final_layer
-    value = mass_in_region(flow.maps[final], region)
+    value, finals = finals_mass_in_region(flow, region)
     ok = value >= threshold
+    what = "final layer's" if len(finals) == 1 else f"{len(finals)} final layers'"
     return record("final_mass_in_region", "pass" if ok else "fail", value=round(value, 6),
                   threshold=threshold,
-                  message=f"{value:.1%} of the final layer's positive mass lies in the region "
+                  message=f"{value:.1%} of the {what} positive mass lies in the region "
                           f"({'>=' if ok else '<'} {threshold:.0%})",
-                  region_pixels=int(region.sum()), layer=final)
+                  region_pixels=int(region.sum()), layer=finals[-1],
+                  **({"layers": finals} if len(finals) > 1 else {}))
+
+
+def check_box(flow, box, threshold: float, min_score: float) -> dict:
+    """A detector: the explained box (``flow.target``, image pixels) overlaps the expected
+    ``box`` (image pixels) with IoU >= ``threshold`` and scores at least ``min_score``."""
+    from ..targets import iou
+    t = flow.target
+    value = float(iou(np.asarray([t["box"]], float), np.asarray(box, float))[0])
+    ok = value >= threshold and t["score"] >= min_score
+    name = f"class {t['class']}" + (f" '{t['label']}'" if t.get("label") else "")
+    why = (f"IoU {value:.2f} {'>=' if value >= threshold else '<'} {threshold:g}"
+           + ("" if t["score"] >= min_score else f"; its score {t['score']:.3f} < {min_score:g}"))
+    return record("box_iou", "pass" if ok else "fail", value=round(value, 6), threshold=threshold,
+                  message=f"the explained box of {name} {t['box']} (score {t['score']:.2f}) "
+                          f"against the expected {list(box)}: {why}",
+                  box=t["box"], expected_box=list(box), score=round(float(t["score"]), 6))
 
 
 def stages_of(layers, stages) -> list[dict]:

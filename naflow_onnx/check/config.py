@@ -35,7 +35,7 @@ SCHEMA: dict[str, dict[str, str]] = {
                "final_mass_in_region": "fraction"},
     "checks": {"prediction": "bool", "final_mass_in_region": "fraction",
                "flow_stability": "shift", "baseline_correlation": "correlation",
-               "sanity": "bool", "sanity_max_correlation": "correlation"},
+               "sanity": "bool", "sanity_max_correlation": "correlation", "box_iou": "fraction"},
     "analysis": {"method": "method", "target": "target_mode", "damp": "damp", "layers": "str"},
     "stability": {"stages": "stages"},
     "baseline": {"path": "path", "match": "match", "layers": "layer_thresholds"},
@@ -45,6 +45,7 @@ ARRAY_TABLES = {"expect"}
 DEFAULT_BASELINE_CORRELATION = 0.9
 DEFAULT_SANITY_MAX_CORRELATION = 0.5
 DEFAULT_SANITY_LAYERS = 3
+DEFAULT_BOX_IOU = 0.5
 
 
 @dataclass
@@ -74,6 +75,7 @@ class CheckConfig:
     flow_stability: float | None = None
     baseline_correlation: float | None = None
     sanity: float | None = None
+    box_iou: float = DEFAULT_BOX_IOU     # detectors: IoU of the explained box with the expected one
     # analysis
     method: str = "naflow"
     target: str = "top1"             # top1 | expected
@@ -385,6 +387,7 @@ def load_config(path, display: str | None = None) -> CheckConfig:
     cfg.final_mass = checks.get("final_mass_in_region")
     cfg.flow_stability = checks.get("flow_stability")
     cfg.baseline_correlation = checks.get("baseline_correlation")
+    cfg.box_iou = checks.get("box_iou", DEFAULT_BOX_IOU)
     if "sanity_max_correlation" in checks and checks.get("sanity") is not False:
         cfg.sanity = float(checks["sanity_max_correlation"])
     elif checks.get("sanity"):

@@ -115,7 +115,7 @@ def _thumb_size(h: int, w: int) -> tuple[int, int]:
 
 
 def _overlay_thumb(view: np.ndarray, heat: np.ndarray, region: np.ndarray | None) -> np.ndarray:
-    """uint8 thumbnail: the [0, 1] map in jet over the network-input view, region outlined white."""
+    """uint8 thumbnail: the [0, 1] map in jet over the view (``Flow.picture``), region outlined white."""
     from PIL import Image
 
     from ..render import overlay
@@ -255,7 +255,6 @@ def _checks_table(recs: list[dict]) -> str:
 def _flow_section(k: int, entry: dict, flow, region, baseline, matching) -> str:
     """Every layer of one image: this model's map (and the baseline's under it), captions with
     the correlations, layers below the baseline threshold framed red."""
-    from ..methods import resize_normalised
     recs = {r["check"]: r for r in entry["checks"]}
     base = recs.get("baseline_correlation")
     stab = recs.get("flow_stability")
@@ -263,7 +262,8 @@ def _flow_section(k: int, entry: dict, flow, region, baseline, matching) -> str:
     stab_r = (stab or {}).get("per_layer")
     diverge = (base or {}).get("diverges_at")
     bimg = baseline.image_index(entry["key"]) if baseline is not None and per_base else None
-    view = flow.image
+    view = flow.picture
+    region = flow.mask_to_picture(region) if region is not None else None
     parts = []
     if diverge is not None:
         d = per_base[diverge]
@@ -309,7 +309,7 @@ def _flow_section(k: int, entry: dict, flow, region, baseline, matching) -> str:
                 f'alt="layer {i} map">']
         if bimg is not None and p is not None:
             bmap = baseline.map(bimg, p["baseline_index"])
-            b = _png(_overlay_thumb(view, resize_normalised(bmap, view.shape[:2]), region))
+            b = _png(_overlay_thumb(view, flow.to_picture(bmap), region))
             cell.append(f'<img id="img{k}-l{i}-base" class="flow baseline" src="{b}" width="{tw}" '
                         f'height="{th}" alt="layer {i} baseline map">')
         h, w = layer.shape[2], layer.shape[3]
@@ -392,9 +392,9 @@ def write_html(path: Path, report: dict, extras: dict, include_passing: bool = F
         if sf and san["status"] == "fail":
             a, b = sf
             final = a.final_layer
-            ia = _png(_overlay_thumb(a.image, a.resized(final), None))
-            ib = _png(_overlay_thumb(b.image, b.resized(final), None))
-            th, tw = _thumb_size(*a.image.shape[:2])
+            ia = _png(_overlay_thumb(a.picture, a.resized(final), None))
+            ib = _png(_overlay_thumb(b.picture, b.resized(final), None))
+            th, tw = _thumb_size(*a.picture.shape[:2])
             out.append('<div class="grid"><figure class="layer"><img id="sanity-trained" class="flow" '
                        f'src="{ia}" width="{tw}" height="{th}" alt="trained"><figcaption>trained model, final '
                        'layer</figcaption></figure><figure class="layer"><img id="sanity-random" class="flow" '

@@ -124,7 +124,16 @@ def analyse(analyzer, spec: Spec, image: Path, target=None):
     if use and key in _MEMO:
         _MEMO.move_to_end(key)
         return _MEMO[key]
-    flow = analyzer.analyze(image, target=target, method=spec.method, layers=spec.layers)
+    if isinstance(target, (tuple, list)) and target[0] == "detect":
+        # a detector: the highest-scoring box of the class (of any class for None); every
+        # score is a candidate, so a missing detection fails box_iou instead of erroring
+        from ..targets import DetectionOptions, DetectionTarget
+        objective = DetectionTarget(DetectionOptions(target=target[1], min_score=0.0)
+                                    if target[1] is not None else DetectionOptions())
+        flow = analyzer.analyze(image, objective=objective, method=spec.method,
+                                layers=spec.layers)
+    else:
+        flow = analyzer.analyze(image, target=target, method=spec.method, layers=spec.layers)
     flow.tensors = None
     if use:
         _MEMO[key] = flow
@@ -314,17 +323,19 @@ class Setup:
     cfg: CheckConfig
     spec: Spec
     analyzer: object
-    targets: dict            # image -> None (top-1) or class index
+    targets: dict            # image -> None (top-1), class index, or ("detect", class or None)
     expected: dict           # image -> class index or None
     regions: dict            # image -> bool mask or None
     original_sizes: dict     # image -> (w, h)
     settings: dict = field(default_factory=dict)
+    task: str = "classify"   # targets.model_task: detect -> box targets and box_iou
 
 
 def _setup(model, config, opts: CheckOptions) -> Setup:
     from PIL import Image
 
     from ..importance import resolve_class
+    from ..targets import ImageFrame, model_task
     opts.validate()
     cfg = load_config(config)
     method = opts.method or cfg.method
@@ -343,6 +354,7 @@ def _setup(model, config, opts: CheckOptions) -> Setup:
     analyzer = spec.analyzer()
     size = tuple(analyzer.preprocess.size)
     labels = analyzer.labels
+    task = model_task(analyzer.graph)
     targets, expected, regions, sizes = {}, {}, {}, {}
     for image in cfg.images:
         try:
@@ -370,11 +382,16 @@ def _setup(model, config, opts: CheckOptions) -> Setup:
                                       f"the model has {len(labels)} classes")
         expected[image] = idx
         targets[image] = idx if cfg.target == "expected" and idx is not None else None
+        if task == "detect":
+            targets[image] = ("detect", idx)
         region = None
         if exp is not None and (exp.box is not None or exp.mask is not None):
             key = "box" if exp.box is not None else "mask"
             try:
-                region = ck.region_mask(exp, size, sizes[image])
+                if task == "detect":
+                    region = _detection_region(exp, size, sizes[image], analyzer, ImageFrame)
+                else:
+                    region = ck.region_mask(exp, size, sizes[image])
             except NAFlowError as e:
                 raise ConfigError(f"{cfg.where('expect', key, exp.index)}: expect[{exp.index}].{key}: "
                                   f"{e}") from None
@@ -383,7 +400,24 @@ def _setup(model, config, opts: CheckOptions) -> Setup:
                 "preprocess": analyzer.preprocess.as_dict()}
     if math.isinf(settings["damp"]):
         settings["damp"] = "inf"
-    return Setup(cfg, spec, analyzer, targets, expected, regions, sizes, settings)
+    return Setup(cfg, spec, analyzer, targets, expected, regions, sizes, settings, task)
+
+
+def _detection_region(exp, size, original_size, analyzer, frame_cls):
+    """A detector's expected box is in the original image's pixels (as the explained box in
+    flow.json): the mask at the network input goes through the image's resize (letterbox)."""
+    from dataclasses import replace
+    if exp.box is None:
+        raise NAFlowError("a detector's region is a 'box' in image pixels, not a mask")
+    if original_size is None:
+        return None
+    w0, h0 = original_size
+    x0, y0, x1, y1 = exp.box
+    if x1 > w0 or y1 > h0:
+        raise NAFlowError(f"box {exp.box} lies outside the image ({w0}×{h0} pixels, W×H): a "
+                          "detector's box is in the original image's pixels")
+    frame = frame_cls(tuple(original_size), size, analyzer.preprocess.resize)
+    return ck.region_mask(replace(exp, box=frame.to_input(exp.box)), size)
 
 
 def _progress(total: int, quiet: bool, desc: str):
@@ -408,6 +442,7 @@ def run(model, config, baseline=None, options: CheckOptions | None = None,
     NAFlowError for a failed run. ``state`` (a naflow_onnx.resume.RunState on the report
     folder): every analysed image's flow is kept in it, and with ``resume`` the flows already
     there are reused."""
+    from ..targets import DetectionOptions
     t0 = time.perf_counter()
     opts = options or CheckOptions()
     st = _setup(model, config, opts)
@@ -423,7 +458,9 @@ def run(model, config, baseline=None, options: CheckOptions | None = None,
                "flow_stability": cfg.flow_stability,
                "baseline_correlation": bthreshold if baseline or cfg.baseline_correlation is not None
                else None,
-               "sanity": cfg.sanity}
+               "sanity": cfg.sanity,
+               "box_iou": cfg.box_iou if st.task == "detect" and any(
+                   e.cls is not None and e.box is not None for e in cfg.expect.values()) else None}
     enabled = {k: v for k, v in enabled.items() if v is not None}
     if not enabled:
         raise ConfigError(f"{cfg.where('checks')}: no check is enabled: set one in [checks] "
@@ -504,16 +541,26 @@ def run(model, config, baseline=None, options: CheckOptions | None = None,
             per_image.append(entry)
             continue
         flow = flows[image]
-        entry.update(target={k: flow.target.get(k) for k in ("index", "label", "probability")},
-                     prediction=int(flow.target["top5"][0]["index"]),
+        detect = flow.target.get("kind") == "detection"
+        entry.update(target={k: flow.target.get(k) for k in
+                             (("index", "label", "score", "box") if detect else
+                              ("index", "label", "probability"))},
+                     prediction=int(flow.target["index"] if detect else flow.target["top5"][0]["index"]),
                      input_size=list(flow.image.shape[:2]))
         recs = entry["checks"]
+        exp = cfg.expect.get(image)
         if cfg.prediction:
-            recs.append(ck.check_prediction(flow, st.expected[image], st.analyzer.labels)
+            recs.append(ck.record("prediction", "skip", message="a detector explains the box of the "
+                                  "expected class: box_iou checks it") if detect else
+                        ck.check_prediction(flow, st.expected[image], st.analyzer.labels)
                         if st.expected[image] is not None else
                         ck.record("prediction", "skip", message="no expected class for this image"))
+        if "box_iou" in enabled:
+            recs.append(ck.check_box(flow, exp.box, cfg.box_iou, DetectionOptions().min_score)
+                        if detect and exp is not None and exp.cls is not None and exp.box is not None
+                        else ck.record("box_iou", "skip", threshold=cfg.box_iou,
+                                       message="no expected class and box for this image"))
         if cfg.final_mass is not None:
-            exp = cfg.expect.get(image)
             thr = exp.min_mass if exp is not None and exp.min_mass is not None else cfg.final_mass
             recs.append(ck.check_mass(flow, st.regions[image], thr) if st.regions[image] is not None
                         else ck.record("final_mass_in_region", "skip", threshold=thr,
