@@ -35,11 +35,13 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass
 from collections.abc import Iterator
 from typing import Any
 
+from . import testhooks
 from .errors import NAFlowError
 
 BACKENDS = ("local", "processes", "ray")
@@ -124,7 +126,8 @@ def run_tasks(task: Task, items: list, *, backend: str = "local", address: str |
         gen = _run_processes(task, items, stats, progress, desc)
     else:
         ray = import_ray()
-        gen = _run_ray(ray, task, items, address, workers, retries, stats, progress, desc, stall_s)
+        gen = _ray_chatter_to_stderr(
+            _run_ray(ray, task, items, address, workers, retries, stats, progress, desc, stall_s))
     return TaskRun(gen, stats)
 
 
@@ -275,6 +278,7 @@ class _Slot:
         self.actor = actor_cls.remote(task_ref)     # actor_cls carries its options
         self.ready_ref = self.actor.ready.remote()
         self.ready = False
+        self.pid = None                    # the actor's process, once set up
         self.dead = False
         self.in_flight: dict = {}          # object ref -> item index
         self.solo = False                  # holds one suspect item alone (see _run_ray)
@@ -310,6 +314,15 @@ def _init_ray(ray, address, workers) -> bool:
         ray.init(address="local", num_cpus=workers or os.cpu_count() or 1, include_dashboard=False,
                  **quiet)
     return True
+
+
+def _ray_chatter_to_stderr(gen):
+    """While connected to Ray, what Ray prints on the driver's stdout (a raylet's "node marked
+    dead" notice, seen mid-run after a node was killed) goes to stderr: stdout is the command's
+    result (``--json``). The callers print their results after the run, not between items."""
+    import contextlib
+    with contextlib.redirect_stdout(sys.stderr):
+        yield from gen
 
 
 def _run_ray(ray, task, items, address, workers, retries, stats, progress, desc, stall_s):
@@ -373,6 +386,7 @@ def _run_ray(ray, task, items, address, workers, retries, stats, progress, desc,
                     slot.in_flight[ref] = i
                     slot.solo = suspect[i]
                     where[ref] = (slot, i)
+                    testhooks.reached("ray.dispatch", slot.pid)   # test-only pause point
             if not where:        # cannot happen: a dead actor is always replaced while items remain
                 raise NAFlowError("internal error: no Ray worker left and items remain")
             ready, _ = ray.wait(list(where), num_returns=1, timeout=5.0)
@@ -404,7 +418,7 @@ def _run_ray(ray, task, items, address, workers, retries, stats, progress, desc,
                         continue
                     if error is not None:
                         raise NAFlowError(f"worker set-up failed on {host}: {error}")
-                    slot.ready = True
+                    slot.ready, slot.pid = True, pid
                     continue
                 try:
                     ok, value = ray.get(ref)

@@ -30,12 +30,13 @@ def pause(name: str, callback):
         _callbacks.pop(name, None)
 
 
-def reached(name: str) -> None:
-    """A pause point (a no-op unless a test has set one up for ``name``)."""
+def reached(name: str, detail=None) -> None:
+    """A pause point (a no-op unless a test has set one up for ``name``). ``detail``, when given,
+    is passed to the callback after the count (e.g. the pid of the Ray actor an item went to)."""
     entry = _callbacks.get(name)
     if entry is not None:
         entry[1] += 1
-        entry[0](entry[1])
+        entry[0](entry[1]) if detail is None else entry[0](entry[1], detail)
     spec = os.environ.get(ENV)
     if spec and spec.split(":")[0] == name:
         _, n, wfd, rfd = spec.split(":")

@@ -70,6 +70,11 @@ class LocalCluster:
             raise
         self.address = self.cluster.address
 
+    def worker_pids(self) -> list[int]:
+        """The pids of every process below the worker node's raylet (our actor among them)."""
+        from ray._private import ray_constants
+        return descendants(self.worker.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid)
+
     def kill_worker(self) -> list[int]:
         """SIGKILL the worker node: its worker processes (our actor among them), then its raylet
         and the rest. The workers first and explicitly: a worker outlives its raylet for a while
@@ -293,17 +298,25 @@ def local_report(dataset, tmp_path_factory):
 
 
 def test_check_on_ray_survives_a_killed_worker_node(cluster, dataset, local_report, tmp_path):
-    """The worker node is killed when the driver has received a quarter of the results, while
-    the driver waits at that point (naflow_onnx.testhooks): the kill happens mid-run whatever
-    the machine's speed, with items of that node's actor still unreported."""
+    """The worker node is killed at the moment the driver hands an item to that node's actor,
+    after results have come in, while the driver waits there (naflow_onnx.testhooks): the kill
+    happens mid-run whatever the machine's speed, with that item still unreported."""
     out = tmp_path / "report"
     killed = []
 
-    def kill_at_a_quarter(count):
-        if count == N_IMAGES // 4:
-            killed.append(cluster.kill_worker())            # the extra worker node, mid-run
+    results = []
+
+    def count_results(count):
+        results.append(count)
+
+    def kill_on_dispatch_to_worker_node(count, pid):
+        # an item handed to the actor on the worker node after results have come in: kill
+        # that node now, with the item unreported (whatever the machine's speed: no race)
+        if not killed and results and pid in cluster.worker_pids():
+            killed.append(cluster.kill_worker())
     t0 = time.perf_counter()
-    with testhooks.pause("check.result", kill_at_a_quarter):
+    with testhooks.pause("check.result", count_results), \
+            testhooks.pause("ray.dispatch", kill_on_dispatch_to_worker_node):
         code, report = run_check(dataset, out, "--backend", "ray", "--address", cluster.address,
                                  "--workers", "2")
     seconds = time.perf_counter() - t0
