@@ -508,6 +508,24 @@ class Analyzer:
             bpfm = self.backproject(point, progress=progress).check()
         return self.flow(point, method, bpfm, compare=compare, keep_tensors=keep_tensors)
 
+    def prepare_many(self, images, target=None, objective=None, layers: str | None = None,
+                     bpfm: bool = True) -> list[Point]:
+        """Stage 1 for several images at once (one forward and backward): one ``Point`` per image.
+        ``target`` and ``objective`` as in ``analyze_many``."""
+        images = list(images)
+        targets = target if isinstance(target, (list, tuple)) else [target] * len(images)
+        objectives = objective if isinstance(objective, (list, tuple)) else [objective] * len(images)
+        # (stub: one by one; the batched engine replaces this body)
+        return [self.prepare(im, target=t, objective=o, layers=layers, bpfm=bpfm)
+                for im, t, o in zip(images, targets, objectives)]
+
+    def backproject_many(self, points: list[Point], damp: float | None = None,
+                         progress=None) -> list[BPFMResult]:
+        """Stage 2 for the points of one ``prepare_many`` call: the solves run on the batched
+        operator, each image to its own convergence. One ``BPFMResult`` per point (unchecked)."""
+        # (stub: one by one; the batched engine replaces this body)
+        return [self.backproject(p, damp, progress) for p in points]
+
     def analyze_many(self, images, target=None, method: str = "naflow", compare: str | None = None,
                      layers: str | None = None, objective=None, batch: int = 8, progress=None,
                      keep_tensors: bool = False) -> list[Flow]:
