@@ -33,7 +33,7 @@ from .importance import class_objective, importance, resolve_class, scores_of
 from .similarity import SimilarityObjective
 from .targets import ImageFrame, metadata_names
 from .methods import METHODS, NEEDS_BPFM, layer_map, resize, resize_normalised
-from .rules.backproject import backproject, refusals
+from .rules.backproject import backproject, records_of_image, refusals
 from .rules.solver import DEFAULT_DAMP, SolverOptions
 
 SCHEMA_VERSION = 1
@@ -227,6 +227,26 @@ class Point:
     timings: dict
     layers: list[str]
     layer_spec: str | None = None
+    batch: "_Batch | None" = field(default=None, repr=False)   # prepared with other images
+    index: int = 0                                             # its row in that batch
+
+
+@dataclass
+class _Batch:
+    """The forward point of several images analysed together (``Analyzer.prepare_many``):
+    every data tensor's dim 0 is the image."""
+
+    env: dict[str, torch.Tensor]
+    Lambda: dict[str, torch.Tensor]
+    plan: Plan
+    layers: list[str]
+    images: int
+    solved: dict = field(default_factory=dict)   # damp -> (bpfm, records, seconds per image)
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """No NaN or inf in ``t`` (two reductions; ``isfinite(t).all()`` costs 20× more on CPU)."""
+    return t.numel() == 0 or all(bool(torch.isfinite(v)) for v in torch.aminmax(t))
 
 
 @dataclass
@@ -241,7 +261,7 @@ class BPFMResult:
     def error(self) -> str | None:
         """Why the result must not become a map: a diverged solve (seen at t = 0.01 on
         MobileNetV2: an unconverged CGLS left non-finite values), else None."""
-        bad = [t for t, b in self.bpfm.items() if b is not None and not bool(torch.isfinite(b).all())]
+        bad = [t for t, b in self.bpfm.items() if b is not None and not _finite(b)]
         if not bad:
             return None
         return (f"the back-projection diverged at damping t = {self.damp:g}: {len(bad)} tensors "
@@ -435,10 +455,23 @@ class Analyzer:
         """Stage 2: the BPFM of every chosen layer at damping ``damp`` (default: the analyzer's).
         The result is not checked: ``.check()`` raises if the solve diverged."""
         opts = self.opts if damp is None else replace(self.opts, damp=float(damp))
+        if point.batch is not None:
+            bpfm, records, seconds = self._solve_batch(point.batch, opts, progress)
+            return BPFMResult({t: v[point.index:point.index + 1] for t, v in bpfm.items()},
+                              records_of_image(records, point.index), opts.damp, seconds)
         t0 = time.perf_counter()
         bpfm, records = backproject(self.graph, point.plan, point.env, point.Lambda, opts, progress,
                                     set(point.layers))
         return BPFMResult(bpfm, records, opts.damp, time.perf_counter() - t0)
+
+    def _solve_batch(self, batch: _Batch, opts: SolverOptions, progress=None):
+        """The back-projection of a whole batch at one damping, once (its points share it)."""
+        if opts.damp not in batch.solved:
+            t0 = time.perf_counter()
+            bpfm, records = backproject(self.graph, batch.plan, batch.env, batch.Lambda, opts,
+                                        progress, set(batch.layers))
+            batch.solved[opts.damp] = (bpfm, records, (time.perf_counter() - t0) / batch.images)
+        return batch.solved[opts.damp]
 
     @staticmethod
     def maps(point: Point, method: str, bpfm: BPFMResult | None = None) -> dict[str, np.ndarray]:
@@ -487,7 +520,8 @@ class Analyzer:
                      "conv_inverse": self.opts.conv_inverse,
                      "tol": self.opts.tol, "max_iter": self.opts.max_iter,
                      "provider": self.capture.provider, "device": str(self.device),
-                     "layers": point.layer_spec or "all"},
+                     "layers": point.layer_spec or "all",
+                     "batch": point.batch.images if point.batch is not None else 1},
             skipped=dict(pl.skipped), coverage=dict(pl.coverage), compare=compare,
             compare_maps=compare_maps, tensors=Tensors(A={t: point.env[t] for t in pl.data}, Lambda=point.Lambda,
                             BPFM=bpfm.bpfm if bpfm is not None else {}, plan=pl, env=point.env)
@@ -510,41 +544,119 @@ class Analyzer:
 
     def prepare_many(self, images, target=None, objective=None, layers: str | None = None,
                      bpfm: bool = True) -> list[Point]:
-        """Stage 1 for several images at once (one forward and backward): one ``Point`` per image.
-        ``target`` and ``objective`` as in ``analyze_many``."""
+        """Stage 1 for several images at once: one forward pass (onnxruntime and torch) and one
+        backward pass for all of them; one ``Point`` per image. ``target`` and ``objective`` are
+        one for every image or a list with one per image. Images are prepared one by one
+        instead where a batch cannot be formed: a similarity or detection objective, the
+        reference or paper solver, images of different input sizes, or a model whose batch
+        dimension is fixed or mixes images (onnxruntime refuses the batch, or the batch's first
+        scores differ from the first image's alone)."""
         images = list(images)
-        targets = target if isinstance(target, (list, tuple)) else [target] * len(images)
-        objectives = objective if isinstance(objective, (list, tuple)) else [objective] * len(images)
-        # (stub: one by one; the batched engine replaces this body)
-        return [self.prepare(im, target=t, objective=o, layers=layers, bpfm=bpfm)
-                for im, t, o in zip(images, targets, objectives)]
+        targets = _per_image("target", target, len(images))
+        objectives = _per_image("objective", objective, len(images))
+        if (len(images) < 2 or any(o is not None for o in objectives) or self.opts.reference
+                or self.opts.conv_inverse != "lsq"):
+            return [self.prepare(im, target=t, objective=o, layers=layers, bpfm=bpfm)
+                    for im, t, o in zip(images, targets, objectives)]
+        loaded = [pp_mod.load_image(im, self.preprocess.size, self.max_image_pixels,
+                                    self.preprocess.resize) for im in images]
+        xs = [self.preprocess.to_input(view) for view, _ in loaded]
+        batch = self._batched_forward(xs) if len({x.shape for x in xs}) == 1 else None
+        if batch is None:
+            return [self.prepare(im, target=t, layers=layers, bpfm=bpfm)
+                    for im, t in zip(images, targets)]
+        values, par, timings = batch
+        mg, n = self.graph, len(images)
+        pl = self.plan_for(values)
+        chosen = _select_layers(pl.features, mg, layers)
+        if any(values[t].shape[0] != n for t in pl.data if isinstance(values.get(t), torch.Tensor)):
+            # a data tensor whose dim 0 is not the image: the graph reshapes its batch away
+            return [self.prepare(im, target=t, layers=layers, bpfm=bpfm)
+                    for im, t in zip(images, targets)]
+        if bpfm:
+            refused = refusals(mg, pl, set(chosen))
+            if refused:
+                raise UnsupportedOpError(f"{mg.path or 'model'}: no inverse rule on the data path "
+                                         f"for: {'; '.join(refused)}")
+        scores = scores_of(values, mg.score_name).detach()
+        t0 = time.perf_counter()
+        index = [resolve_class(t, scores[b:b + 1], self.labels) for b, t in enumerate(targets)]
+        rows = torch.arange(n, device=scores.device)
+        pick = torch.tensor(index, device=scores.device)
+        lam = importance(values, lambda v: scores_of(v, mg.score_name)[rows, pick].sum(), pl.data)
+        timings["importance_s"] = time.perf_counter() - t0
+        timings = {k: v / n for k, v in timings.items()}          # each image's share
+        env = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in values.items()}
+        shared = _Batch(env=env, Lambda=lam, plan=pl, layers=chosen, images=n)
+        points = []
+        for b, (im, (view, note)) in enumerate(zip(images, loaded)):
+            points.append(Point(
+                image=im, view=view, note=note, input_shape=[1] + list(xs[b].shape[1:]),
+                env={t: env[t][b:b + 1] for t in pl.data if isinstance(env.get(t), torch.Tensor)},
+                plan=pl, Lambda={t: v[b:b + 1] for t, v in lam.items()},
+                target=self._class_record(scores[b:b + 1], index[b]),
+                score_tensor=mg.score_name, parity=par, timings=dict(timings), layers=chosen,
+                layer_spec=layers, batch=shared, index=b))
+        return points
+
+    def _batched_forward(self, xs: list[np.ndarray]):
+        """The forward pass of the stacked inputs, or None where this model cannot run them as a
+        batch (a fixed batch dimension, or images that do not stay apart)."""
+        x = np.concatenate(xs, axis=0)
+        try:
+            values, par, timings = self.forward(x)
+        except Exception:   # noqa: BLE001 - onnxruntime or the rebuild refused the batch
+            return None
+        first = self.capture.run(xs[0])[self.graph.score_name]
+        got = values[self.graph.score_name][:1].detach().float().cpu().numpy()
+        if got.shape != first.shape or not np.allclose(got, first, rtol=1e-3,
+                                                       atol=1e-4 * float(np.abs(first).max() + 1)):
+            return None
+        return values, par, timings
 
     def backproject_many(self, points: list[Point], damp: float | None = None,
                          progress=None) -> list[BPFMResult]:
-        """Stage 2 for the points of one ``prepare_many`` call: the solves run on the batched
-        operator, each image to its own convergence. One ``BPFMResult`` per point (unchecked)."""
-        # (stub: one by one; the batched engine replaces this body)
+        """Stage 2 for points of ``prepare_many``: the points of one batch are solved together
+        on the batched operator, each image to its own convergence (an image that has converged
+        leaves the batch); others one by one. One ``BPFMResult`` per point (unchecked)."""
         return [self.backproject(p, damp, progress) for p in points]
 
     def analyze_many(self, images, target=None, method: str = "naflow", compare: str | None = None,
                      layers: str | None = None, objective=None, batch: int = 8, progress=None,
                      keep_tensors: bool = False) -> list[Flow]:
         """Several images, ``batch`` at a time: one forward and backward per batch, the
-        back-projection solved on the batched operator with per-image convergence. ``target`` and
-        ``objective`` are one for every image or a list with one per image. The flows equal
-        ``[analyze(image) for image in images]`` within the solver tolerance."""
+        back-projection solved on the batched operator with per-image convergence
+        (``prepare_many``, ``backproject_many``). ``target`` and ``objective`` are one for every
+        image or a list with one per image. The flows equal ``[analyze(image) for image in
+        images]`` within the solver tolerance; a diverged solve raises, as in ``analyze``."""
         images = list(images)
-        targets = target if isinstance(target, (list, tuple)) else [target] * len(images)
-        objectives = objective if isinstance(objective, (list, tuple)) else [objective] * len(images)
-        if len(targets) != len(images) or len(objectives) != len(images):
-            raise NAFlowError(f"analyze_many: {len(images)} images but {len(targets)} targets and "
-                              f"{len(objectives)} objectives")
+        targets = _per_image("target", target, len(images))
+        objectives = _per_image("objective", objective, len(images))
         if batch < 1:
             raise NAFlowError(f"batch must be >= 1, got {batch}")
-        # (stub: one by one; the batched engine replaces this body)
-        return [self.analyze(im, target=t, method=method, compare=compare, layers=layers,
-                             objective=o, progress=progress, keep_tensors=keep_tensors)
-                for im, t, o in zip(images, targets, objectives)]
+        for m in filter(None, (method, compare)):
+            _check_methods(m)
+        needs_bpfm = method in NEEDS_BPFM or compare in NEEDS_BPFM
+        flows = []
+        for at in range(0, len(images), batch):
+            part = slice(at, at + batch)
+            points = self.prepare_many(images[part], target=targets[part],
+                                       objective=objectives[part], layers=layers, bpfm=needs_bpfm)
+            results = self.backproject_many(points, progress=progress) if needs_bpfm \
+                else [None] * len(points)
+            for point, res in zip(points, results):
+                flows.append(self.flow(point, method, res.check() if res is not None else None,
+                                       compare=compare, keep_tensors=keep_tensors))
+            for point in points:          # the batch's tensors go with its last flow
+                point.batch = None
+        return flows
+
+def _per_image(what: str, value, n: int) -> list:
+    """One value for every image, or a list with one per image."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * n
+    if len(values) != n:
+        raise NAFlowError(f"{n} images but {len(values)} values of {what}")
+    return values
 
 
 def analyze(model, image, target=None, method: str = "naflow", **options) -> Flow:

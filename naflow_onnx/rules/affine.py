@@ -1,6 +1,7 @@
 """Affine ops: anchored least squares, x_hat = A_in + J^+ (BPFM_out - A_out) (METHOD.md §4)."""
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -8,7 +9,8 @@ import torch.nn.functional as F
 
 from ..errors import UnsupportedOpError
 from . import InverseRule, RuleContext
-from .solver import LinearMap, SolveRecord, damped_pinv_factors, solve_affine
+from .solver import (LinearMap, SolveRecord, damped_pinv_factors, image_norms, per_image,
+                     solve_affine)
 
 
 def _single_input(ctx: RuleContext) -> str:
@@ -43,15 +45,15 @@ class ConvAdjoint:
 
     def __call__(self, u: torch.Tensor) -> torch.Tensor:
         if self.wt is None:
-            return torch.nn.grad.conv2d_input(self.shape, self.w, u, self.stride, self.pad,
-                                              self.dil, self.groups)
+            return torch.nn.grad.conv2d_input((u.shape[0],) + self.shape[1:], self.w, u,
+                                              self.stride, self.pad, self.dil, self.groups)
         if self.tpad or self.wt.shape[2] > 1:
             return F.conv2d(u, self.wt, None, 1, self.tpad, self.dil, self.groups)
         y = F.conv2d(u, self.wt, None, 1, 0, 1, self.groups)
         sh, sw = self.stride
         if (sh, sw) == (1, 1):
             return y
-        x = y.new_zeros(self.shape)
+        x = y.new_zeros((u.shape[0],) + self.shape[1:])
         x[..., : sh * y.shape[2]: sh, : sw * y.shape[3]: sw] = y
         return x
 
@@ -84,6 +86,11 @@ class ConvMap(LinearMap):
 
     def rmatvec(self, u):
         return self.adjoint(u)
+
+    def restrict(self, index):
+        cut = copy.copy(self)          # the weights are shared; the adjoint takes its batch from u
+        cut.x0, cut.y0 = self.x0[index], self.y0[index]
+        return cut
 
 
 def pointwise_pinv(W: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
@@ -118,12 +125,12 @@ def pointwise_conv_inverse(x0, w, y_target, y0, damp: float, cache: dict | None 
     res = torch.matmul(W.T, misfit_v)
     if lam:
         res.add_(dx, alpha=lam * lam)
-    ref = float(torch.linalg.vector_norm(torch.matmul(W.T, delta)))
-    dnorm = float(torch.linalg.vector_norm(delta))
-    rec = SolveRecord(kind="closed-form", iterations=0,
-                      convergence=float(torch.linalg.vector_norm(res)) / ref if ref > 0 else 0.0,
-                      misfit=float(torch.linalg.vector_norm(misfit_v)) / dnorm if dnorm else 0.0,
-                      damp=damp, sigma=s_max)
+    ref = image_norms(torch.matmul(W.T, delta), n)
+    dnorm = image_norms(delta, n)
+    conv = torch.where(ref > 0, image_norms(res, n) / torch.where(ref > 0, ref, 1.0), 0.0)
+    misfit = torch.where(dnorm > 0, image_norms(misfit_v, n) / torch.where(dnorm > 0, dnorm, 1.0), 0.0)
+    rec = SolveRecord(kind="closed-form", iterations=0, convergence=per_image(conv.tolist(), n),
+                      misfit=per_image(misfit.tolist(), n), damp=damp, sigma=s_max)
     x_hat = x0.to(P.dtype) + dx.reshape(n, -1, h, wd)
     return x_hat.to(x0.dtype), rec
 
@@ -147,7 +154,7 @@ class AffineRule(InverseRule):
         if (node.op_type == "Conv" and name == node.inputs[0] and ctx.opts.conv_inverse == "lsq"
                 and ConvMap.applies(node, x0)):
             J = ConvMap(node, x0, ctx.env[node.inputs[1]], ctx.env[out])
-            key = (node.index, tuple(x0.shape))
+            key = (node.index, tuple(x0.shape[1:]))   # the same for every image
         x_hat, rec = solve_affine(ctx.fn_of(name, out), x0, ctx.bpfm_out[out], ctx.opts,
                                   node.where(), J=J, sigma_key=key)
         return {name: x_hat}, rec

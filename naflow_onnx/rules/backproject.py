@@ -12,6 +12,7 @@ feature tensor (METHOD.md §4-§5), producing the BPFM of every tensor on the wa
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Callable
 
 import networkx as nx
@@ -26,17 +27,18 @@ from .affine import AffineRule
 from .elementwise import ArithmeticRule, BatchNormRule
 from .linearize import JointMap, SegmentMap, StackedMap, node_map
 from .structural import StructuralRule
-from .solver import SolverOptions, SolveRecord, solve_affine
+from .solver import PerImage, SolverOptions, SolveRecord, flatten, solve_affine
 
 
-def segment_function(mg: ModelGraph, env: dict, seg: Segment) -> Callable[[torch.Tensor], torch.Tensor]:
+def segment_function(mg: ModelGraph, env: dict, seg: Segment,
+                     images: int = 1) -> Callable[[torch.Tensor], torch.Tensor]:
     def f(x: torch.Tensor) -> torch.Tensor:
         local = dict(env)
         local[seg.input] = x
         out = run_nodes(mg, local, seg.nodes)
         if len(seg.outputs) == 1:
             return out[seg.output]
-        return torch.cat([out[o].reshape(-1) for o in seg.outputs])
+        return flatten([out[o] for o in seg.outputs], images)
     return f
 
 
@@ -45,7 +47,10 @@ class BackProjection:
 
     def __init__(self, mg: ModelGraph, plan: Plan, env: dict[str, torch.Tensor],
                  lam: dict[str, torch.Tensor], opts: SolverOptions):
-        self.mg, self.plan, self.env, self.lam, self.opts = mg, plan, env, lam, opts
+        self.mg, self.plan, self.env, self.lam = mg, plan, env, lam
+        # the images of a batch (dim 0 of the input): every solve is per image
+        self.images = int(env[mg.input_name].shape[0])
+        self.opts = replace(opts, images=self.images)
         self.bpfm: dict[str, torch.Tensor] = {}
         self.records: dict[str, dict] = {}   # tensor -> how its BPFM was obtained
 
@@ -53,7 +58,7 @@ class BackProjection:
         g = self.lam.get(name)
         if g is None:
             return torch.zeros_like(x_hat)
-        return torch.where(g != 0, x_hat, torch.zeros_like(x_hat)).detach()
+        return torch.where(g != 0, x_hat, 0.0).detach()
 
     def run(self, progress: Callable[[int], None] | None = None,
             needed: set[str] | None = None) -> dict[str, torch.Tensor]:
@@ -91,11 +96,12 @@ class BackProjection:
 
     def _joint(self, seg: Segment) -> None:
         mg, env = self.mg, self.env
-        f = segment_function(mg, env, seg)
+        f = segment_function(mg, env, seg, self.images)
         # J linearised once at the forward point (reference mode: torch.func on the whole segment)
-        J = None if self.opts.reference else SegmentMap(mg, env, seg.nodes, seg.input, seg.outputs)
+        J = None if self.opts.reference else SegmentMap(mg, env, seg.nodes, seg.input, seg.outputs,
+                                                         self.images)
         target = self.bpfm[seg.output] if len(seg.outputs) == 1 else \
-            torch.cat([self.bpfm[o].reshape(-1) for o in seg.outputs])
+            flatten([self.bpfm[o] for o in seg.outputs], self.images)
         x_hat, rec = solve_affine(f, env[seg.input], target, self.opts,
                                   f"segment {seg.id} ({seg.input} -> {', '.join(seg.outputs)})", J=J)
         self.bpfm[seg.input] = self.abandon(seg.input, x_hat)
@@ -224,8 +230,8 @@ class _SegmentWalk:
         bp = self.bp
         out = ctx.output()
         held = {t: bp.bpfm[t] for t in ctx.data_inputs if t == self.seg.input}
-        maps = [node_map(bp.mg, bp.env, node, t, out) for t in unknown]
-        J = JointMap(maps, _run_with(node, bp.env, held, out))
+        maps = [node_map(bp.mg, bp.env, node, t, out, bp.images) for t in unknown]
+        J = JointMap(maps, _run_with(node, bp.env, held, out), bp.images)
         x, rec = solve_affine(None, J.x0, ctx.bpfm_out[out], bp.opts,
                               f"{node.where()} (fan-in)", J=J)
         cands = dict(zip(unknown, J.split(x)))
@@ -256,19 +262,19 @@ class _SegmentWalk:
             held = {u: bp.bpfm[u] for u in bp.plan.data_inputs(node) if u != t and u in bp.bpfm}
             for o in node.outputs:
                 if o in bp.bpfm:
-                    maps.append(node_map(bp.mg, bp.env, node, t, o))
+                    maps.append(node_map(bp.mg, bp.env, node, t, o, bp.images))
                     y0.append(_run_with(node, bp.env, held, o))
                     target.append(bp.bpfm[o])
-        J = StackedMap(maps, y0)
+        J = StackedMap(maps, y0, bp.images)
         rule = f"fan-out (stacked, m={len(readers)})"
         record = {"rule": rule, "nodes": [n.name for n in readers], "segment": seg.id}
         if all(_exact_split(n) for n in readers) and not math.isinf(bp.opts.damp):
-            delta = torch.cat([y.reshape(-1) for y in target]) - J.y0
+            delta = flatten(target, bp.images) - J.y0
             count = J.rmatvec(J.matvec(torch.ones_like(J.x0)))
             dx = torch.where(count > 0, J.rmatvec(delta) / count.clamp(min=1), torch.zeros_like(count))
             bp._settle(t, bp.env[t] + dx, {**record, **SolveRecord(kind="exact").as_dict()})
             return
-        x, rec = solve_affine(None, bp.env[t], torch.cat([y.reshape(-1) for y in target]), bp.opts,
+        x, rec = solve_affine(None, bp.env[t], flatten(target, bp.images), bp.opts,
                               f"tensor '{t}' (fan-out into {names})", J=J)
         bp._settle(t, x, {**record, **rec.as_dict()})
 
@@ -323,6 +329,13 @@ def refusals(mg: ModelGraph, plan: Plan, needed: set[str] | None = None) -> list
     return found
 
 
+def records_of_image(records: dict[str, dict], b: int) -> dict[str, dict]:
+    """Image ``b``'s solver records out of a batch's (a ``PerImage`` field holds one value per
+    image)."""
+    return {t: {k: (v[b] if isinstance(v, PerImage) else v) for k, v in r.items()}
+            for t, r in records.items()}
+
+
 def backproject(mg: ModelGraph, plan: Plan, env: dict, lam: dict, opts: SolverOptions,
                 progress=None, needed: set[str] | None = None
                 ) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
@@ -331,4 +344,5 @@ def backproject(mg: ModelGraph, plan: Plan, env: dict, lam: dict, opts: SolverOp
     return bp.bpfm, bp.records
 
 
-__all__ = ["backproject", "refusals", "walked", "BackProjection", "segment_function", "SolveRecord"]
+__all__ = ["backproject", "records_of_image", "refusals", "walked", "BackProjection",
+           "segment_function", "SolveRecord"]

@@ -29,10 +29,13 @@ GATE_FLOOR = 1e-3
 
 
 def open_gate(gate: torch.Tensor) -> torch.Tensor:
-    """The gate with every value under GATE_FLOOR times its largest magnitude set to 0 (closed:
-    ``safe_div`` abandons those neurons)."""
-    top = float(gate.abs().max()) if gate.numel() else 0.0
-    return torch.where(gate.abs() >= GATE_FLOOR * top, gate, torch.zeros_like(gate))
+    """The gate with every value under GATE_FLOOR times its largest magnitude (in its image: dim
+    0 of a batch) set to 0 (closed: ``safe_div`` abandons those neurons)."""
+    if not gate.numel():
+        return gate
+    size = gate.abs()
+    top = size.amax(dim=tuple(range(1, gate.dim())), keepdim=True) if gate.dim() > 1 else size.max()
+    return torch.where(size >= GATE_FLOOR * top, gate, torch.zeros_like(gate))
 
 
 class BatchNormRule(InverseRule):

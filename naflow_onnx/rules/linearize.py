@@ -24,6 +24,8 @@ plus a tangent pass.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch.func import jvp, vjp
@@ -31,7 +33,7 @@ from torch.func import jvp, vjp
 from .. import ops
 from ..rebuild import scalar
 from .affine import ConvAdjoint
-from .solver import LinearMap
+from .solver import LinearMap, batch_shape, flatten, unflatten
 
 
 
@@ -95,16 +97,17 @@ class SegmentMap(LinearMap):
     several tensors (a top segment ending in several final tensors): J's rows are theirs,
     flattened and concatenated."""
 
-    def __init__(self, mg, env: dict, node_ids, input: str, output):
+    def __init__(self, mg, env: dict, node_ids, input: str, output, images: int = 1):
         self.x0 = env[input].detach()
+        self.images = images
         outputs = (output,) if isinstance(output, str) else tuple(output)
         if len(outputs) == 1:
             output = outputs[0]
             self.y0 = env[output].detach()
         else:
-            self.y0 = torch.cat([env[o].detach().reshape(-1) for o in outputs])
+            self.y0 = flatten([env[o].detach() for o in outputs], images)
         self.input, self.output, self.outputs = input, output, outputs
-        self._shapes = [env[o].shape for o in outputs]
+        self._shapes = [tuple(env[o].shape) for o in outputs]
         self.steps: list[_Step] = []
         tangent = {input}
         for idx in node_ids:
@@ -187,17 +190,16 @@ class SegmentMap(LinearMap):
                 for o, t in zip(s.outs, out if isinstance(out, tuple) else (out,)):
                     tan[o] = t
         if len(self.outputs) > 1:
-            return torch.cat([tan[o].reshape(-1) if o in tan else
-                              torch.zeros(s.numel(), dtype=self.y0.dtype, device=self.y0.device)
-                              for o, s in zip(self.outputs, self._shapes)])
+            return flatten([tan[o] if o in tan else
+                            torch.zeros(s, dtype=self.y0.dtype, device=self.y0.device)
+                            for o, s in zip(self.outputs, self._shapes)], self.images)
         out = tan.get(self.output)
         return torch.zeros_like(self.y0) if out is None else out
 
     # ------------------------------------------------------------------------------ Jᵀ·u
     def rmatvec(self, u: torch.Tensor) -> torch.Tensor:
         if len(self.outputs) > 1:
-            cot = dict(zip(self.outputs, (p.reshape(s) for p, s in zip(
-                torch.split(u, [s.numel() for s in self._shapes]), self._shapes))))
+            cot = dict(zip(self.outputs, unflatten(u, self._shapes)))
         else:
             cot = {self.output: u}
 
@@ -235,6 +237,34 @@ class SegmentMap(LinearMap):
         out = cot.get(self.input)
         return torch.zeros_like(self.x0) if out is None else out
 
+    def restrict(self, index):
+        """The map on the images ``index`` only (the forward values of every step cut), or None
+        where a step is an autograd closure of the whole batch."""
+        if any(s.kind in ("linear", "generic") for s in self.steps):
+            return None
+        n, m = self.images, len(index)
+
+        def cut(t):
+            return t[index] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == n else t
+
+        def shape(sh):
+            return batch_shape(sh, m) if len(sh) and sh[0] == n else sh
+        new = copy.copy(self)
+        new.images, new.x0, new.y0 = m, self.x0[index], self.y0[index]
+        new._shapes = [shape(sh) for sh in self._shapes]
+        steps = []
+        for s in self.steps:
+            data = s.data
+            if s.kind == "diag":
+                data = cut(data)
+            elif s.kind == "mul2":
+                data = (cut(data[0]), cut(data[1]))
+            elif s.kind == "add2":
+                data = (data[0], tuple(shape(sh) for sh in data[1]))
+            steps.append(_Step(s.kind, s.ins, s.outs, data))
+        new.steps = steps
+        return new
+
     @staticmethod
     def _zeros_like_out(step, i, g):
         if g is not None:
@@ -245,45 +275,57 @@ class SegmentMap(LinearMap):
         return torch.zeros_like(ref)
 
 
-def node_map(mg, env: dict, node, wrt: str, output: str) -> SegmentMap:
+def node_map(mg, env: dict, node, wrt: str, output: str, images: int = 1) -> SegmentMap:
     """J of one node's ``output`` in its input ``wrt`` at the forward point (others fixed)."""
-    return SegmentMap(mg, env, [node.index], wrt, output)
+    return SegmentMap(mg, env, [node.index], wrt, output, images)
+
+
+def _restricted(maps, index):
+    cut = [m.restrict(index) for m in maps]
+    return None if any(c is None for c in cut) else cut
 
 
 class StackedMap(LinearMap):
     """One input, several outputs: ``Δ -> [J_1 Δ; ...; J_m Δ]`` (a fan-out's consumers,
-    METHOD.md §5), the outputs flattened and concatenated. ``y0`` is the stacked point the
-    caller chose (each consumer's output with its other inputs at their BPFM)."""
+    METHOD.md §5), the outputs flattened and concatenated per image. ``y0`` is the stacked point
+    the caller chose (each consumer's output with its other inputs at their BPFM)."""
 
-    def __init__(self, maps: list[LinearMap], y0: list[torch.Tensor]):
-        self.maps, self.x0 = maps, maps[0].x0
-        self.shapes = [m.y0.shape for m in maps]
-        self.sizes = [m.y0.numel() for m in maps]
-        self.y0 = torch.cat([y.reshape(-1) for y in y0])
+    def __init__(self, maps: list[LinearMap], y0: list[torch.Tensor], images: int = 1):
+        self.maps, self.x0, self.images = maps, maps[0].x0, images
+        self.shapes = [tuple(m.y0.shape) for m in maps]
+        self.y0 = flatten(y0, images)
 
     def matvec(self, v):
-        return torch.cat([m.matvec(v).reshape(-1) for m in self.maps])
+        return flatten([m.matvec(v) for m in self.maps], self.images)
 
     def rmatvec(self, u):
-        parts = torch.split(u, self.sizes)
-        out = self.maps[0].rmatvec(parts[0].reshape(self.shapes[0]))
-        for m, p, s in zip(self.maps[1:], parts[1:], self.shapes[1:]):
-            out = out + m.rmatvec(p.reshape(s))
+        parts = unflatten(u, self.shapes)
+        out = self.maps[0].rmatvec(parts[0])
+        for m, p in zip(self.maps[1:], parts[1:]):
+            out = out + m.rmatvec(p)
         return out
+
+    def restrict(self, index):
+        maps = _restricted(self.maps, index)
+        if maps is None:
+            return None
+        new = copy.copy(self)
+        new.maps, new.x0, new.y0, new.images = maps, maps[0].x0, self.y0[index], len(index)
+        new.shapes = [tuple(m.y0.shape) for m in maps]
+        return new
 
 
 class JointMap(LinearMap):
     """Several inputs, one output: ``[Δ_1; ...; Δ_k] -> Σ_i J_i Δ_i`` (a fan-in node, METHOD.md
-    §5), the inputs flattened and concatenated into one vector."""
+    §5), the inputs flattened and concatenated per image into one vector."""
 
-    def __init__(self, maps: list[LinearMap], y0: torch.Tensor):
-        self.maps, self.y0 = maps, y0
-        self.shapes = [m.x0.shape for m in maps]
-        self.sizes = [m.x0.numel() for m in maps]
-        self.x0 = torch.cat([m.x0.reshape(-1) for m in maps])
+    def __init__(self, maps: list[LinearMap], y0: torch.Tensor, images: int = 1):
+        self.maps, self.y0, self.images = maps, y0, images
+        self.shapes = [tuple(m.x0.shape) for m in maps]
+        self.x0 = flatten([m.x0 for m in maps], images)
 
     def split(self, v: torch.Tensor) -> list[torch.Tensor]:
-        return [p.reshape(s) for p, s in zip(torch.split(v, self.sizes), self.shapes)]
+        return unflatten(v, self.shapes)
 
     def matvec(self, v):
         parts = self.split(v)
@@ -293,4 +335,14 @@ class JointMap(LinearMap):
         return out
 
     def rmatvec(self, u):
-        return torch.cat([m.rmatvec(u).reshape(-1) for m in self.maps])
+        return flatten([m.rmatvec(u) for m in self.maps], self.images)
+
+    def restrict(self, index):
+        maps = _restricted(self.maps, index)
+        if maps is None:
+            return None
+        new = copy.copy(self)
+        new.maps, new.y0, new.images = maps, self.y0[index], len(index)
+        new.shapes = [tuple(m.x0.shape) for m in maps]
+        new.x0 = flatten([m.x0 for m in maps], len(index))
+        return new

@@ -31,8 +31,22 @@ class SolverOptions:
     # of a depthwise conv), kept to check the fast path against
     reference: bool = False
     dense_limit_bytes: int = 512 * 1024**2
+    # images in the batch (dim 0 of every data tensor): every solve is per image, each image
+    # with its own damping scale, step lengths and stopping test (Analyzer.backproject_many)
+    images: int = 1
     # per-model memo of point-independent quantities (sigma of a conv, pinv of a 1x1 conv)
     cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+
+class PerImage(list):
+    """A solver-record field with one value per image of a batch (``BackProjection`` hands
+    each image its own)."""
+
+
+def per_image(values, images: int):
+    """One value for one image, a ``PerImage`` list for several."""
+    values = [v.item() if isinstance(v, torch.Tensor) else v for v in values]
+    return values[0] if images == 1 else PerImage(values)
 
 
 @dataclass
@@ -46,8 +60,11 @@ class SolveRecord:
     converged: bool = True
 
     def as_dict(self) -> dict:
-        d = asdict(self)
-        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+        def clean(v):
+            if isinstance(v, PerImage):
+                return PerImage(clean(x) for x in v)
+            return None if isinstance(v, float) and not math.isfinite(v) else v
+        return {k: clean(getattr(self, k)) for k in self.__dataclass_fields__}
 
 
 class LinearMap:
@@ -64,30 +81,90 @@ class LinearMap:
     def rmatvec(self, u: torch.Tensor) -> torch.Tensor:
         return self._vjp(u)[0]
 
+    def restrict(self, index: torch.Tensor) -> "LinearMap | None":
+        """The same map on the images ``index`` of the batch only (dim 0), or None where it
+        cannot be cut (an autograd closure): the solver then keeps those images in, frozen."""
+        return None
+
+
+# ------------------------------------------------------------------------------------------------
+# per-image vectors: dim 0 of a solver vector is the image (one "image" when a tensor's dim 0 is
+# not the batch, e.g. a lone image whose segment reshapes its batch dimension away)
+
+def flatten(tensors, images: int = 1) -> torch.Tensor:
+    """Several tensors as one (images × n) matrix of per-image rows (a fan-in's unknowns, a
+    fan-out's readers, a segment's several outputs)."""
+    return torch.cat([t.reshape(images, -1) for t in tensors], dim=1)
+
+
+def unflatten(v: torch.Tensor, shapes) -> list[torch.Tensor]:
+    """``flatten``'s inverse: the rows of ``v`` cut into tensors of ``shapes`` (whose dim 0 is
+    the number of rows, or any dim 0 for one row)."""
+    rows = v.shape[0]
+    parts = torch.split(v, [math.prod(s) // rows for s in shapes], dim=1)
+    return [p.reshape(s) for p, s in zip(parts, shapes)]
+
+
+def batch_shape(shape, rows: int) -> tuple:
+    """``shape`` with its dim 0 (the images) set to ``rows``."""
+    return (rows,) + tuple(shape[1:])
+
+
+def _rows(t: torch.Tensor, images: int) -> torch.Tensor:
+    return t.reshape(images, -1)
+
+
+def image_norms(t: torch.Tensor, images: int = 1) -> torch.Tensor:
+    """||t|| of each image (shape (images,), float64; summed in ``t``'s own precision: a float64
+    copy of a whole tensor costs more than the solve step it measures)."""
+    return torch.linalg.vector_norm(_rows(t, images), dim=1).double()
+
 
 def _norm(t: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(t.double()))
 
 
-def spectral_norm(J: LinearMap, iterations: int, seed: int = 0) -> float:
-    """Largest singular value of J by power iteration on J^T J (seeded: deterministic)."""
+def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-image (or per-block) quantity shaped to broadcast over ``like``."""
+    if v.dim() == like.dim():
+        return v
+    return v.reshape((v.shape[0],) + (1,) * (like.dim() - 1))
+
+
+def spectral_norm(J: LinearMap, iterations: int, seed: int = 0, images: int = 1) -> torch.Tensor:
+    """Largest singular value of J (of each image's block of J) by power iteration on JᵀJ,
+    seeded: every image starts from the same vector, so an image gets the value it gets alone.
+    Returns float64 (images,)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
-    v = torch.randn(J.x0.shape, generator=g, dtype=J.x0.dtype).to(J.x0.device)
-    v /= torch.linalg.vector_norm(v)
-    sigma2 = 0.0
+    shape = tuple(J.x0.shape)
+    if images > 1:
+        v = torch.randn((1,) + shape[1:], generator=g, dtype=J.x0.dtype)
+        v = v.to(J.x0.device).expand(shape).clone()
+    else:
+        v = torch.randn(shape, generator=g, dtype=J.x0.dtype).to(J.x0.device)
+    v /= _bcast(torch.linalg.vector_norm(_rows(v, images), dim=1), v)
+    sigma2 = torch.zeros(images, dtype=torch.float64, device=v.device)
     for _ in range(iterations):
         w = J.rmatvec(J.matvec(v))
-        n = float(torch.linalg.vector_norm(w))
-        if n == 0.0:
-            return 0.0
-        sigma2, v = n, w / n
-    return math.sqrt(sigma2)
+        n = torch.linalg.vector_norm(_rows(w, images), dim=1)
+        if not bool((n > 0).any()):
+            break
+        sigma2 = torch.where(n > 0, n.double(), torch.zeros_like(sigma2))
+        v = w / _bcast(torch.where(n > 0, n, torch.ones_like(n)), w)
+        v = v * _bcast((n > 0).to(v.dtype), v)
+    return sigma2.sqrt().cpu()
 
 
-def _dot(a: torch.Tensor, b: torch.Tensor, dims) -> torch.Tensor:
-    """<a, b> over everything (a 0-d tensor), or per block: summed over ``dims`` only."""
+def _dot(a: torch.Tensor, b: torch.Tensor, images: int, dims) -> torch.Tensor:
+    """<a, b> per image (shape (images,)), or per block: summed over ``dims`` only."""
     if dims is None:
-        return torch.dot(a.reshape(-1), b.reshape(-1))
+        if images == 1:
+            return torch.dot(a.reshape(-1), b.reshape(-1)).reshape(1)
+        return torch.linalg.vecdot(_rows(a, images), _rows(b, images))
+    if tuple(dims) == tuple(range(a.dim() - len(dims), a.dim())):   # trailing dims: one row each
+        lead = a.shape[:a.dim() - len(dims)]
+        d = torch.linalg.vecdot(a.reshape(math.prod(lead), -1), b.reshape(math.prod(lead), -1))
+        return d.reshape(tuple(lead) + (1,) * len(dims))
     return (a * b).sum(dim=dims, keepdim=True)
 
 
@@ -97,86 +174,190 @@ def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
                        torch.zeros_like(num))
 
 
-def cgls(J: LinearMap, delta: torch.Tensor, lam: float, tol: float, max_iter: int,
-         block_dims=None):
+def _image_totals(gamma: torch.Tensor, images: int) -> torch.Tensor:
+    return gamma.reshape(images, -1).sum(dim=1)
+
+
+def cgls_images(J: LinearMap, delta: torch.Tensor, lam, tol: float, max_iter: int,
+                block_dims=None, images: int = 1):
     """CGLS for min ||J x - delta||^2 + lam^2 ||x||^2 (Bjorck), i.e. CG on the normal equations
-    (J^T J + lam^2 I) x = J^T delta. Returns (x, iterations, convergence, misfit): convergence is
-    the normal-equation residual ||J^T(delta - J x) - lam^2 x|| / ||J^T delta|| of the iterate
-    (the stopping test, METHOD.md §4), misfit ||J x - delta|| / ||delta||, both from the recurred
-    vectors s and r.
+    (J^T J + lam^2 I) x = J^T delta, for every image of a batch at once (dim 0; ``lam`` one
+    value or one per image). Each image has its own step lengths and its own stopping test, the
+    normal-equation residual ||J^T(delta - J x) - lam^2 x|| / ||J^T delta|| (METHOD.md §4): it
+    takes exactly the steps it takes alone. An image that has converged leaves the batch: the
+    map is cut to the images still iterating (``LinearMap.restrict``), or, where it cannot be
+    cut, the image is held fixed. Returns (x, iterations, convergence, misfit), the last three
+    per image (tensors (images,)); misfit ||J x - delta|| / ||delta||.
 
     ``block_dims``: J is block-diagonal over the remaining dimensions (a depthwise convolution:
     one block per image and channel). Every block then runs its own CG, with its own step
-    lengths, in the same loop; the problem and the stopping test (on the whole residual) are
-    unchanged. Step lengths stay tensors, so on a GPU an iteration synchronises once (the test).
-    Updates are in place: one J·p, one Jᵀ·r and four vector updates per iteration.
+    lengths, in the same loop; the stopping test stays per image. Step lengths stay tensors,
+    so on a GPU an iteration synchronises once (the test). Updates are in place: one J·p, one
+    Jᵀ·r and four vector updates per iteration.
     """
-    x = torch.zeros_like(J.x0)
-    r = delta.clone()
-    s = J.rmatvec(r)
-    ref = _norm(s)
-    dnorm = _norm(delta)
-    if ref == 0.0:
-        return x, 0, 0.0, 1.0
+    n = images
+    x_all = torch.zeros_like(J.x0)
+    r_all = delta.clone()
+    s = J.rmatvec(r_all)
+    ref = image_norms(s, n).cpu()
+    dnorm = image_norms(delta, n).cpu()
+    iters = torch.zeros(n, dtype=torch.long)
+    conv = torch.zeros(n, dtype=torch.float64)
+    lam = torch.as_tensor(lam, dtype=torch.float64).reshape(-1).expand(n).cpu()
+    live = ref > 0
+    if not bool(live.any()):
+        return x_all, iters, conv, torch.where(dnorm > 0, 1.0, 0.0).double()
+    lam2 = [float(v) for v in lam * lam]
+    lam2 = torch.tensor(lam2, dtype=J.x0.dtype, device=J.x0.device)
+    damped = bool((lam2 != 0).any())
+    w = _Working(J, x_all, r_all, n, ref)
+    s = w.keep(live, (s,))[0] if not bool(live.all()) else s
     p = s.clone()
-    gamma = _dot(s, s, block_dims)
-    lam2 = lam * lam
-    conv = 1.0
-    it = 0
+    gamma = _dot(s, s, w.rows, block_dims)
     for it in range(1, max_iter + 1):
-        q = J.matvec(p)
-        denom = _dot(q, q, block_dims)
-        if lam2:
-            denom = denom + lam2 * _dot(p, p, block_dims)
+        m, x, r = w.rows, w.x, w.r
+        q = w.J.matvec(p)
+        denom = _dot(q, q, m, block_dims)
+        l2 = lam2[w.idx.to(lam2.device)]
+        if damped:
+            denom = denom + _bcast(l2, denom) * _dot(p, p, m, block_dims)
         alpha = _ratio(gamma, denom)
-        x.addcmul_(alpha, p)
-        r.addcmul_(alpha, q, value=-1.0)
-        s = J.rmatvec(r)
+        if w.frozen is not None:
+            alpha = alpha * _bcast((~w.frozen).to(alpha), alpha)
+        x.addcmul_(_bcast(alpha, x), p)
+        r.addcmul_(_bcast(alpha, r), q, value=-1.0)
+        s = w.J.rmatvec(r)
         if s.data_ptr() == r.data_ptr():   # a map that hands its argument back (a pure copy)
             s = s.clone()
-        if lam2:
-            s.sub_(x, alpha=lam2)
-        gamma_new = _dot(s, s, block_dims)
-        conv = math.sqrt(float(gamma_new.sum() if block_dims is not None else gamma_new)) / ref
-        if conv <= tol or not math.isfinite(conv):   # converged, or broke down (NaN/inf)
+        if damped:
+            s.sub_(x * _bcast(l2, x))
+        gamma_new = _dot(s, s, m, block_dims)
+        c = _image_totals(gamma_new, m).double().sqrt().cpu() / w.ref
+        moving = torch.ones(m, dtype=torch.bool) if w.frozen is None else ~w.frozen
+        iters[w.idx[moving]] = it
+        conv[w.idx[moving]] = c[moving]
+        done = (c <= tol) | ~torch.isfinite(c) | ~moving   # converged, or broke down (NaN/inf)
+        if bool(done.all()):
             break
-        p.mul_(_ratio(gamma_new, gamma)).add_(s)
+        if block_dims is not None:
+            # a block whose own residual is far below the image's tolerance has converged: its
+            # steps stop (they would divide round-off by round-off and blow up)
+            floor = _bcast(((0.01 * tol) * w.ref).pow(2).to(gamma_new), gamma_new)
+            gamma_new = torch.where(gamma_new <= floor, torch.zeros_like(gamma_new), gamma_new)
+        p.mul_(_bcast(_ratio(gamma_new, gamma), p)).add_(s)
         gamma = gamma_new
-    return x, it, conv, _norm(r) / dnorm
+        if bool((done & moving).any()):
+            s, p, gamma = w.keep(~done, (s, p, gamma))
+    x_all, r_all = w.store()
+    misfit = torch.where(dnorm > 0, image_norms(r_all, n).cpu() / torch.where(dnorm > 0, dnorm, 1.0),
+                         torch.zeros_like(dnorm))
+    return x_all, iters, conv, misfit
+
+
+class _Working:
+    """The rows of a batched CGLS still iterating: the map cut to them (``LinearMap.restrict``)
+    with the iterates of those rows, or, where the map cannot be cut, every row with the
+    finished ones frozen."""
+
+    def __init__(self, J, x_all, r_all, n, ref):
+        self.J0, self.J, self.x_all, self.r_all = J, J, x_all, r_all
+        self.x, self.r = x_all, r_all
+        self.idx = torch.arange(n)
+        self.frozen = None
+        self.ref = ref
+
+    @property
+    def rows(self) -> int:
+        return len(self.idx)
+
+    def store(self):
+        if self.x is not self.x_all:
+            at = self.idx.to(self.x_all.device)
+            self.x_all[at] = self.x
+            self.r_all[at] = self.r
+        return self.x_all, self.r_all
+
+    def keep(self, keep: torch.Tensor, vectors):
+        """Carry on with the working rows ``keep``; ``vectors`` cut the same way."""
+        full = self.idx[keep]
+        cut = self.J0.restrict(full.to(self.J0.x0.device)) if self.frozen is None else None
+        if cut is None:
+            self.frozen = ~keep if self.frozen is None else (self.frozen | ~keep)
+            return vectors
+        self.store()
+        k = keep.to(self.x.device)
+        rows = len(keep)
+        self.x, self.r = self.x[k], self.r[k]
+        self.ref = self.ref[keep]
+        self.idx, self.J = full, cut
+        return tuple(v[k] if v.dim() and v.shape[0] == rows else v for v in vectors)
+
+
+def cgls(J: LinearMap, delta: torch.Tensor, lam: float, tol: float, max_iter: int,
+         block_dims=None):
+    """CGLS of one image (``cgls_images`` with one image): (x, iterations, convergence, misfit)."""
+    x, it, conv, misfit = cgls_images(J, delta, lam, tol, max_iter, block_dims, 1)
+    return x, int(it[0]), float(conv[0]), float(misfit[0])
 
 
 def solve_affine(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, y_target: torch.Tensor,
                  opts: SolverOptions, where: str = "", J: LinearMap | None = None,
                  sigma_key=None) -> tuple[torch.Tensor, SolveRecord]:
-    """Anchored least squares: x_hat = x0 + argmin ||J D - (y_target - f(x0))||^2 + damping.
+    """Anchored least squares: x_hat = x0 + argmin ||J D - (y_target - f(x0))||^2 + damping,
+    for each image of the batch (``opts.images``) on its own.
 
     ``J`` may be given (a map cheaper than autograd's); ``sigma_key`` memoises ||J|| where J does
-    not depend on the point (a convolution)."""
+    not depend on the point (a convolution: the same for every image)."""
     x0 = x0.detach()
     J = J or LinearMap(f, x0)
+    n = opts.images if x0.shape[0] == opts.images else 1
     delta = (y_target - J.y0).detach()
-    dnorm = _norm(delta)
-    if math.isinf(opts.damp) or dnorm == 0.0:
-        return x0.clone(), SolveRecord(kind="zero", damp=opts.damp, misfit=1.0 if dnorm else 0.0)
+    dnorm = image_norms(delta, n)
+    if math.isinf(opts.damp) or not bool((dnorm > 0).any()):
+        return x0.clone(), SolveRecord(kind="zero", damp=opts.damp, misfit=per_image(
+            [1.0 if d > 0 else 0.0 for d in dnorm.tolist()], n))
     if opts.conv_inverse == "paper":
+        if n > 1:
+            raise NAFlowError(f"{where}: --conv-inverse paper solves one image at a time")
         return paper_inverse(J, delta, opts, where)
     sigma = None
     if opts.damp > 0:
-        sigma = opts.cache.get(("sigma", sigma_key)) if sigma_key is not None else None
-        if sigma is None:
-            sigma = spectral_norm(J, opts.power_iter)
+        memo = opts.cache.get(("sigma", sigma_key)) if sigma_key is not None else None
+        if memo is not None:
+            sigma = torch.full((n,), memo, dtype=torch.float64)
+        else:
+            one = J.restrict(torch.tensor([0], device=x0.device)) if sigma_key is not None and n > 1 \
+                else None
+            if one is not None:      # the same map for every image: one power iteration
+                sigma = spectral_norm(one, opts.power_iter).expand(n).clone()
+            else:
+                sigma = spectral_norm(J, opts.power_iter, images=n)
             if sigma_key is not None:
-                opts.cache[("sigma", sigma_key)] = sigma
-    lam = opts.damp * sigma if sigma else 0.0
+                opts.cache[("sigma", sigma_key)] = float(sigma[0])
+    lam = opts.damp * sigma if sigma is not None else torch.zeros(n, dtype=torch.float64)
     blocks = None if opts.reference else getattr(J, "block_dims", None)
-    dx, iters, conv, misfit = cgls(J, delta, lam, opts.tol, opts.max_iter, blocks)
-    if blocks is not None and not math.isfinite(conv):
+    dx, iters, conv, misfit = cgls_images(J, delta, lam, opts.tol, opts.max_iter, blocks, n)
+    bad = ~torch.isfinite(conv)
+    if blocks is not None and bool(bad.any()):
         # per-channel CG broke down in float32 (seen on EfficientNet-Lite0: a near-empty channel
-        # block gave a non-finite step): solve the same problem with one CG for all channels
-        dx, more, conv, misfit = cgls(J, delta, lam, opts.tol, opts.max_iter, None)
-        iters += more
-    rec = SolveRecord(kind="cgls", iterations=iters, convergence=conv, misfit=misfit,
-                      damp=opts.damp, sigma=sigma, converged=conv <= opts.tol)
+        # block gave a non-finite step): solve the same problem with one CG for all channels,
+        # for the images where it broke down
+        rows = bad.nonzero().flatten()
+        sub = J if n == 1 else J.restrict(rows.to(x0.device))
+        if sub is None:
+            sub, rows = J, torch.arange(n)
+        dx2, more, conv2, mis2 = cgls_images(sub, delta[rows.to(delta.device)] if sub is not J
+                                             else delta, lam[rows], opts.tol, opts.max_iter,
+                                             None, len(rows))
+        dx[rows.to(dx.device)] = dx2
+        iters[rows] += more
+        conv[rows], misfit[rows] = conv2, mis2
+    kinds = ["cgls" if d > 0 else "zero" for d in dnorm.tolist()]
+    sig = None if sigma is None else per_image(sigma.tolist(), n)
+    rec = SolveRecord(kind=per_image(kinds, n), iterations=per_image(iters.tolist(), n),
+                      convergence=per_image(conv.tolist(), n), misfit=per_image(misfit.tolist(), n),
+                      damp=opts.damp, sigma=sig,
+                      converged=per_image([c <= opts.tol for c in conv.tolist()], n))
     return x0 + dx, rec
 
 
