@@ -241,7 +241,40 @@ class _Batch:
     plan: Plan
     layers: list[str]
     images: int
-    solved: dict = field(default_factory=dict)   # damp -> (bpfm, records, seconds per image)
+    solved: dict = field(default_factory=dict)   # (damp, stream) -> _Solved
+
+
+@dataclass
+class _Solved:
+    """One batch's back-projection at one damping (shared by its points)."""
+
+    bpfm: dict[str, torch.Tensor]
+    records: dict[str, dict]
+    seconds: float                        # each image's share
+    maps: dict[str, dict[str, torch.Tensor]]
+    nonfinite: list[list[str]]            # per image
+
+
+class _MapTaker:
+    """``BackProjection.run``'s ``release``: the maps of the chosen layers by ``methods`` from
+    each BPFM the walk is done with, and which of them held non-finite values (per image)."""
+
+    def __init__(self, env, lam, layers: set[str], methods, images: int):
+        self.env, self.lam, self.layers, self.images = env, lam, layers, images
+        self.maps = {m: {} for m in methods}
+        self.nonfinite: list[list[str]] = [[] for _ in range(images)]
+
+    def __call__(self, done: dict[str, torch.Tensor]) -> None:
+        for t, b in done.items():
+            if b is None or not b.numel():
+                continue
+            rows = b.reshape(self.images, -1) if b.shape[0] == self.images else b.reshape(1, -1)
+            lo, hi = torch.aminmax(rows, dim=1)
+            for i in (~(torch.isfinite(lo) & torch.isfinite(hi))).nonzero().flatten().tolist():
+                self.nonfinite[i if rows.shape[0] == self.images else 0].append(t)
+            if t in self.layers:
+                for m, maps in self.maps.items():
+                    maps[t] = layer_map(m, self.env[t], self.lam[t], b)
 
 
 def _finite(t: torch.Tensor) -> bool:
@@ -257,11 +290,17 @@ class BPFMResult:
     records: dict[str, dict]         # tensor -> how its BPFM was obtained (solver record)
     damp: float
     seconds: float
+    # ``backproject(..., stream=methods)``: the maps of the chosen layers by those methods (torch,
+    # on the device), taken as the walk went back and dropped each BPFM; and the tensors whose
+    # BPFM held non-finite values
+    maps: dict[str, dict[str, torch.Tensor]] | None = None
+    nonfinite: list[str] | None = None
 
     def error(self) -> str | None:
         """Why the result must not become a map: a diverged solve (seen at t = 0.01 on
         MobileNetV2: an unconverged CGLS left non-finite values), else None."""
-        bad = [t for t, b in self.bpfm.items() if b is not None and not _finite(b)]
+        bad = list(self.nonfinite or []) + [t for t, b in self.bpfm.items()
+                                            if b is not None and not _finite(b)]
         if not bad:
             return None
         return (f"the back-projection diverged at damping t = {self.damp:g}: {len(bad)} tensors "
@@ -451,27 +490,47 @@ class Analyzer:
                 "top5": [{"index": int(i), "score": float(scores[0, i]), "label": label(int(i))}
                          for i in scores[0].argsort(descending=True)[:5]]}
 
-    def backproject(self, point: Point, damp: float | None = None, progress=None) -> BPFMResult:
+    def backproject(self, point: Point, damp: float | None = None, progress=None,
+                    stream: tuple[str, ...] = ()) -> BPFMResult:
         """Stage 2: the BPFM of every chosen layer at damping ``damp`` (default: the analyzer's).
-        The result is not checked: ``.check()`` raises if the solve diverged."""
+        The result is not checked: ``.check()`` raises if the solve diverged. ``stream``: the
+        maps by these methods are taken as the walk goes back, and each BPFM is dropped as
+        soon as the walk is past it (``BPFMResult.maps``; its ``bpfm`` is then empty): the
+        memory of one analysis then holds the BPFMs of about one segment, not of the network."""
         opts = self.opts if damp is None else replace(self.opts, damp=float(damp))
+        stream = tuple(dict.fromkeys(stream))
+        for m in stream:
+            _check_methods(m)
         if point.batch is not None:
-            bpfm, records, seconds = self._solve_batch(point.batch, opts, progress)
-            return BPFMResult({t: v[point.index:point.index + 1] for t, v in bpfm.items()},
-                              records_of_image(records, point.index), opts.damp, seconds)
+            solved = self._solve_batch(point.batch, opts, progress, stream)
+            b = point.index
+            return BPFMResult({t: v[b:b + 1] for t, v in solved.bpfm.items()},
+                              records_of_image(solved.records, b), opts.damp, solved.seconds,
+                              maps={m: {t: v[b:b + 1] for t, v in ms.items()}
+                                    for m, ms in solved.maps.items()} if stream else None,
+                              nonfinite=solved.nonfinite[b] if stream else None)
         t0 = time.perf_counter()
+        taker = _MapTaker(point.env, point.Lambda, set(point.layers), stream, 1) if stream else None
         bpfm, records = backproject(self.graph, point.plan, point.env, point.Lambda, opts, progress,
-                                    set(point.layers))
-        return BPFMResult(bpfm, records, opts.damp, time.perf_counter() - t0)
+                                    set(point.layers), release=taker)
+        return BPFMResult(bpfm, records, opts.damp, time.perf_counter() - t0,
+                          maps=taker.maps if taker else None,
+                          nonfinite=taker.nonfinite[0] if taker else None)
 
-    def _solve_batch(self, batch: _Batch, opts: SolverOptions, progress=None):
+    def _solve_batch(self, batch: _Batch, opts: SolverOptions, progress=None,
+                     stream: tuple[str, ...] = ()) -> "_Solved":
         """The back-projection of a whole batch at one damping, once (its points share it)."""
-        if opts.damp not in batch.solved:
+        key = (opts.damp, stream)
+        if key not in batch.solved:
             t0 = time.perf_counter()
+            taker = _MapTaker(batch.env, batch.Lambda, set(batch.layers), stream,
+                              batch.images) if stream else None
             bpfm, records = backproject(self.graph, batch.plan, batch.env, batch.Lambda, opts,
-                                        progress, set(batch.layers))
-            batch.solved[opts.damp] = (bpfm, records, (time.perf_counter() - t0) / batch.images)
-        return batch.solved[opts.damp]
+                                        progress, set(batch.layers), release=taker)
+            batch.solved[key] = _Solved(bpfm, records, (time.perf_counter() - t0) / batch.images,
+                                        taker.maps if taker else {},
+                                        taker.nonfinite if taker else [[]] * batch.images)
+        return batch.solved[key]
 
     @staticmethod
     def maps(point: Point, method: str, bpfm: BPFMResult | None = None) -> dict[str, np.ndarray]:
@@ -480,6 +539,11 @@ class Analyzer:
         _check_methods(method)
         if method in NEEDS_BPFM and bpfm is None:
             raise NAFlowError(f"method '{method}' needs the back-projection (Analyzer.backproject)")
+        if bpfm is not None and bpfm.maps and method in bpfm.maps:
+            return {t: bpfm.maps[method][t][0].float().cpu().numpy() for t in point.layers}
+        if method in NEEDS_BPFM and bpfm is not None and bpfm.maps is not None:
+            raise NAFlowError(f"this back-projection kept no BPFM (stream={tuple(bpfm.maps)}): "
+                              f"give method '{method}' to backproject(stream=...)")
         env, lam = point.env, point.Lambda
         b = bpfm.bpfm if bpfm is not None else {}
         return {t: layer_map(method, env[t], lam[t], b.get(t))[0].float().cpu().numpy()
@@ -539,7 +603,8 @@ class Analyzer:
                              bpfm=needs_bpfm)
         bpfm = None
         if needs_bpfm:
-            bpfm = self.backproject(point, progress=progress).check()
+            stream = () if keep_tensors else tuple(filter(None, (method, compare)))
+            bpfm = self.backproject(point, progress=progress, stream=stream).check()
         return self.flow(point, method, bpfm, compare=compare, keep_tensors=keep_tensors)
 
     def prepare_many(self, images, target=None, objective=None, layers: str | None = None,
@@ -615,11 +680,12 @@ class Analyzer:
         return values, par, timings
 
     def backproject_many(self, points: list[Point], damp: float | None = None,
-                         progress=None) -> list[BPFMResult]:
+                         progress=None, stream: tuple[str, ...] = ()) -> list[BPFMResult]:
         """Stage 2 for points of ``prepare_many``: the points of one batch are solved together
         on the batched operator, each image to its own convergence (an image that has converged
-        leaves the batch); others one by one. One ``BPFMResult`` per point (unchecked)."""
-        return [self.backproject(p, damp, progress) for p in points]
+        leaves the batch); others one by one. One ``BPFMResult`` per point (unchecked);
+        ``stream`` as in ``backproject``."""
+        return [self.backproject(p, damp, progress, stream) for p in points]
 
     def analyze_many(self, images, target=None, method: str = "naflow", compare: str | None = None,
                      layers: str | None = None, objective=None, batch: int = 8, progress=None,
@@ -642,8 +708,9 @@ class Analyzer:
             part = slice(at, at + batch)
             points = self.prepare_many(images[part], target=targets[part],
                                        objective=objectives[part], layers=layers, bpfm=needs_bpfm)
-            results = self.backproject_many(points, progress=progress) if needs_bpfm \
-                else [None] * len(points)
+            stream = () if keep_tensors else tuple(filter(None, (method, compare)))
+            results = self.backproject_many(points, progress=progress, stream=stream) \
+                if needs_bpfm else [None] * len(points)
             for point, res in zip(points, results):
                 flows.append(self.flow(point, method, res.check() if res is not None else None,
                                        compare=compare, keep_tensors=keep_tensors))

@@ -92,3 +92,51 @@ def test_flow_json_round_trip_is_strict_json(small_models, small_image, tmp_path
     for a, b in ((back.maps, flow.maps), (back.compare_maps, flow.compare_maps)):
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     np.testing.assert_array_equal(back.image, flow.image)
+
+
+def test_streamed_maps_equal_and_free_the_walk(mobilenet_analyzer, photos, monkeypatch):
+    """``backproject(stream=...)`` (what ``analyze`` does): the same maps bit for bit, and the walk
+    holds the BPFMs of about one segment at a time instead of every layer's (issue 17)."""
+    from naflow_onnx.rules import backproject as bp_mod
+    held = []
+
+    class Counting(dict):
+        def __setitem__(self, k, v):
+            super().__setitem__(k, v)
+            held.append(len(self))
+    real = bp_mod.BackProjection.__init__
+
+    def init(self, *a, **k):
+        real(self, *a, **k)
+        self.bpfm = Counting()
+    monkeypatch.setattr(bp_mod.BackProjection, "__init__", init)
+    an = mobilenet_analyzer
+    point = an.prepare(photos["coffee"])
+    full = an.backproject(point)
+    most_full, held[:] = max(held), []
+    streamed = an.backproject(point, stream=("naflow", "layercam"))
+    most_streamed = max(held)
+    assert streamed.bpfm == {} and streamed.error() is None
+    assert len(point.layers) > 90 and most_full >= len(point.layers)
+    assert most_streamed <= 12, most_streamed
+    for method in ("naflow", "layercam"):
+        a, b = an.maps(point, method, full), an.maps(point, method, streamed)
+        assert a.keys() == b.keys()
+        for t in a:
+            np.testing.assert_array_equal(a[t], b[t])
+    with pytest.raises(NAFlowError, match="kept no BPFM"):
+        an.maps(point, "naflow", an.backproject(point, stream=("gradcam",)))
+
+
+def test_streamed_walk_names_non_finite_tensors_per_image():
+    from naflow_onnx.flow import _MapTaker
+    env = {"a": torch.ones(2, 3, 4, 4), "b": torch.ones(2, 3, 4, 4)}
+    taker = _MapTaker(env, env, {"a"}, ("naflow",), 2)
+    bad = torch.ones(2, 3, 4, 4)
+    bad[1, 2, 0, 0] = float("inf")
+    taker({"a": torch.ones(2, 3, 4, 4), "b": bad})
+    assert taker.nonfinite == [[], ["b"]]
+    assert taker.maps["naflow"]["a"].shape == (2, 4, 4)
+    res = BPFMResult({}, {}, 0.01, 0.0, maps={}, nonfinite=["b"])
+    with pytest.raises(NAFlowError, match=r"diverged at damping t = 0.01: 1 tensors .*'b'"):
+        res.check()

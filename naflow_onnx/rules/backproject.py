@@ -61,22 +61,34 @@ class BackProjection:
         return torch.where(g != 0, x_hat, 0.0).detach()
 
     def run(self, progress: Callable[[int], None] | None = None,
-            needed: set[str] | None = None) -> dict[str, torch.Tensor]:
+            needed: set[str] | None = None,
+            release: Callable[[dict[str, torch.Tensor]], None] | None = None
+            ) -> dict[str, torch.Tensor]:
         """Walk back from the final tensors far enough to reach every tensor in ``needed``
-        (default: every feature tensor)."""
+        (default: every feature tensor). With ``release``, every BPFM the walk no longer needs
+        (its segment is done and it is not the input of one still to come) is handed to
+        ``release`` and dropped: the walk then holds the BPFMs of about one segment at a time."""
         plan = self.plan
         for final in plan.finals:
             self.bpfm[final] = self.env[final].detach()
             self.records[final] = {"rule": "final", "kind": "identity"}
         features = set(plan.features) if needed is None else set(needed)
 
-        for seg in reversed(walked(self.mg, plan, features)):
+        todo = list(reversed(walked(self.mg, plan, features)))
+        for k, seg in enumerate(todo):
             if seg.joint:
                 self._joint(seg)
             else:
                 self._single(seg)
             if progress:
                 progress(1)
+            if release is not None:
+                later = {s.input for s in todo[k:]}
+                done = set(seg.outputs) | {o for i in seg.nodes for o in self.mg.nodes[i].outputs}
+                release({t: self.bpfm.pop(t) for t in [t for t in self.bpfm if t in done
+                                                       and t not in later]})
+        if release is not None:
+            release({t: self.bpfm.pop(t) for t in list(self.bpfm)})
         return self.bpfm
 
     def _context(self, node, known=None) -> RuleContext:
@@ -337,10 +349,10 @@ def records_of_image(records: dict[str, dict], b: int) -> dict[str, dict]:
 
 
 def backproject(mg: ModelGraph, plan: Plan, env: dict, lam: dict, opts: SolverOptions,
-                progress=None, needed: set[str] | None = None
+                progress=None, needed: set[str] | None = None, release=None
                 ) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
     bp = BackProjection(mg, plan, env, lam, opts)
-    bp.run(progress, needed)
+    bp.run(progress, needed, release)
     return bp.bpfm, bp.records
 
 
