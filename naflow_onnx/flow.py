@@ -229,6 +229,8 @@ class Point:
     layer_spec: str | None = None
     batch: "_Batch | None" = field(default=None, repr=False)   # prepared with other images
     index: int = 0                                             # its row in that batch
+    # sigma of the point-dependent maps, kept for another back-projection (another damping)
+    sigmas: dict = field(default_factory=dict, repr=False)
 
 
 @dataclass
@@ -242,6 +244,7 @@ class _Batch:
     layers: list[str]
     images: int
     solved: dict = field(default_factory=dict)   # (damp, stream) -> _Solved
+    sigmas: dict = field(default_factory=dict)   # as Point.sigmas, one per image
 
 
 @dataclass
@@ -510,6 +513,7 @@ class Analyzer:
                                     for m, ms in solved.maps.items()} if stream else None,
                               nonfinite=solved.nonfinite[b] if stream else None)
         t0 = time.perf_counter()
+        opts = replace(opts, point_memo=point.sigmas)
         taker = _MapTaker(point.env, point.Lambda, set(point.layers), stream, 1) if stream else None
         bpfm, records = backproject(self.graph, point.plan, point.env, point.Lambda, opts, progress,
                                     set(point.layers), release=taker)
@@ -521,6 +525,7 @@ class Analyzer:
                      stream: tuple[str, ...] = ()) -> "_Solved":
         """The back-projection of a whole batch at one damping, once (its points share it)."""
         key = (opts.damp, stream)
+        opts = replace(opts, point_memo=batch.sigmas)
         if key not in batch.solved:
             t0 = time.perf_counter()
             taker = _MapTaker(batch.env, batch.Lambda, set(batch.layers), stream,

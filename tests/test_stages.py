@@ -140,3 +140,22 @@ def test_streamed_walk_names_non_finite_tensors_per_image():
     res = BPFMResult({}, {}, 0.01, 0.0, maps={}, nonfinite=["b"])
     with pytest.raises(NAFlowError, match=r"diverged at damping t = 0.01: 1 tensors .*'b'"):
         res.check()
+
+
+def test_second_damping_reuses_the_points_sigmas(mobilenet_analyzer, photos, monkeypatch):
+    """σ of a joint segment depends on the forward point, not on the damping: a second
+    back-projection of the same point (evaluate's damping sweep) runs no power iteration, and
+    gives what a fresh point gives."""
+    from naflow_onnx.rules import solver
+    calls = []
+    real = solver.spectral_norm
+    monkeypatch.setattr(solver, "spectral_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    an = mobilenet_analyzer
+    point = an.prepare(photos["astronaut"])
+    an.backproject(point, damp=1.0)
+    first = len(calls)
+    again = an.backproject(point, damp=0.3)
+    assert first >= 10 and len(calls) == first      # ten residual blocks, then none
+    fresh = an.backproject(an.prepare(photos["astronaut"]), damp=0.3)
+    for t in point.layers:
+        assert torch.equal(again.bpfm[t], fresh.bpfm[t]), t

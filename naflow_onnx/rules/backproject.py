@@ -115,7 +115,8 @@ class BackProjection:
         target = self.bpfm[seg.output] if len(seg.outputs) == 1 else \
             flatten([self.bpfm[o] for o in seg.outputs], self.images)
         x_hat, rec = solve_affine(f, env[seg.input], target, self.opts,
-                                  f"segment {seg.id} ({seg.input} -> {', '.join(seg.outputs)})", J=J)
+                                  f"segment {seg.id} ({seg.input} -> {', '.join(seg.outputs)})", J=J,
+                                  point_key=("segment", seg.id))
         self.bpfm[seg.input] = self.abandon(seg.input, x_hat)
         self.records[seg.input] = {"rule": "segment", "segment": seg.id, "nodes": len(seg.nodes),
                                    **rec.as_dict()}
@@ -245,7 +246,7 @@ class _SegmentWalk:
         maps = [node_map(bp.mg, bp.env, node, t, out, bp.images) for t in unknown]
         J = JointMap(maps, _run_with(node, bp.env, held, out), bp.images)
         x, rec = solve_affine(None, J.x0, ctx.bpfm_out[out], bp.opts,
-                              f"{node.where()} (fan-in)", J=J)
+                              f"{node.where()} (fan-in)", J=J, point_key=("fan-in", node.index))
         cands = dict(zip(unknown, J.split(x)))
         return cands, {"rule": f"fan-in (joint, k={len(unknown)})", "node": node.name,
                        "segment": self.seg.id, **rec.as_dict()}
@@ -287,7 +288,8 @@ class _SegmentWalk:
             bp._settle(t, bp.env[t] + dx, {**record, **SolveRecord(kind="exact").as_dict()})
             return
         x, rec = solve_affine(None, bp.env[t], flatten(target, bp.images), bp.opts,
-                              f"tensor '{t}' (fan-out into {names})", J=J)
+                              f"tensor '{t}' (fan-out into {names})", J=J,
+                              point_key=("fan-out", t))
         bp._settle(t, x, {**record, **rec.as_dict()})
 
 

@@ -36,6 +36,9 @@ class SolverOptions:
     images: int = 1
     # per-model memo of point-independent quantities (sigma of a conv, pinv of a 1x1 conv)
     cache: dict = field(default_factory=dict, repr=False, compare=False)
+    # per-point memo of sigma where J depends on the forward point (a joint segment, a fan-in
+    # or fan-out): a second back-projection of the same point (another damping) reuses it
+    point_memo: dict | None = field(default=None, repr=False, compare=False)
 
 
 class PerImage(list):
@@ -302,12 +305,13 @@ def cgls(J: LinearMap, delta: torch.Tensor, lam: float, tol: float, max_iter: in
 
 def solve_affine(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, y_target: torch.Tensor,
                  opts: SolverOptions, where: str = "", J: LinearMap | None = None,
-                 sigma_key=None) -> tuple[torch.Tensor, SolveRecord]:
+                 sigma_key=None, point_key=None) -> tuple[torch.Tensor, SolveRecord]:
     """Anchored least squares: x_hat = x0 + argmin ||J D - (y_target - f(x0))||^2 + damping,
     for each image of the batch (``opts.images``) on its own.
 
     ``J`` may be given (a map cheaper than autograd's); ``sigma_key`` memoises ||J|| where J does
-    not depend on the point (a convolution: the same for every image)."""
+    not depend on the point (a convolution: the same for every image), ``point_key`` where it
+    does, for this point only (``opts.point_memo``)."""
     x0 = x0.detach()
     J = J or LinearMap(f, x0)
     n = opts.images if x0.shape[0] == opts.images else 1
@@ -321,7 +325,10 @@ def solve_affine(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, y_
             raise NAFlowError(f"{where}: --conv-inverse paper solves one image at a time")
         return paper_inverse(J, delta, opts, where)
     sigma = None
-    if opts.damp > 0:
+    points = opts.point_memo if point_key is not None and sigma_key is None else None
+    if opts.damp > 0 and points is not None and point_key in points:
+        sigma = points[point_key]
+    elif opts.damp > 0:
         memo = opts.cache.get(("sigma", sigma_key)) if sigma_key is not None else None
         if memo is not None:
             sigma = torch.full((n,), memo, dtype=torch.float64)
@@ -334,6 +341,8 @@ def solve_affine(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, y_
                 sigma = spectral_norm(J, opts.power_iter, images=n)
             if sigma_key is not None:
                 opts.cache[("sigma", sigma_key)] = float(sigma[0])
+            elif points is not None:
+                points[point_key] = sigma
     lam = opts.damp * sigma if sigma is not None else torch.zeros(n, dtype=torch.float64)
     blocks = None if opts.reference else getattr(J, "block_dims", None)
     dx, iters, conv, misfit = cgls_images(J, delta, lam, opts.tol, opts.max_iter, blocks, n)
