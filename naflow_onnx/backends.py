@@ -56,6 +56,8 @@ from .errors import NAFlowError
 
 BACKENDS = ("local", "processes", "ray")
 IN_FLIGHT_PER_WORKER = 2
+# images per run_batch call of the commands' --batch (1 = one by one)
+DEFAULT_BATCH = 8
 # how long a ray run waits for a first worker to be started (no free CPU in the cluster?)
 STALL_S = 600.0
 
@@ -165,8 +167,7 @@ def run_tasks(task: Task, items: list, *, backend: str = "local", address: str |
         raise NAFlowError(f"--workers must be >= 1, got {workers}")
     if retries < 0:
         raise NAFlowError(f"retries must be >= 0, got {retries}")
-    if int(batch) < 1:
-        raise NAFlowError(f"--batch must be >= 1, got {batch}")
+    check_batch(batch)
     items = list(items)
     groups = chunks(len(items), int(batch))
     stats = {"backend": backend, "address": address, "workers": 1 if backend == "local" else workers,
@@ -196,6 +197,12 @@ def check_backend_options(backend: str, address: str | None, workers: int | None
         raise NAFlowError("--workers needs --backend ray (or processes)")
     if workers is not None and int(workers) < 1:
         raise NAFlowError(f"--workers must be >= 1, got {workers}")
+
+
+def check_batch(batch: int) -> None:
+    """--batch is a positive number of items."""
+    if int(batch) < 1:
+        raise NAFlowError(f"--batch must be >= 1, got {batch}")
 
 
 def import_ray():
