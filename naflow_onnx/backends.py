@@ -7,23 +7,33 @@ once per worker (load the model: graph analysis, onnxruntime session); ``task(it
 item into one picklable result. ``run_tasks`` yields ``(index, result)`` as results arrive; an
 item whose call raised yields a ``Failure`` instead and the run goes on.
 
+Batches: with ``batch=B`` the items are grouped, in order, into chunks of B (the same chunks on
+every backend and for any number of workers, so that a batched engine sees the same batches
+wherever it runs); a worker turns a chunk into its results with ``task.run_batch(chunk)``
+(``Task.run_batch`` by default calls the task on each item; a task that is not a ``Task``
+subclass gets the same default, ``run_batch``). When ``run_batch`` raises, the chunk's items are
+run again one by one with ``task(item)``, so that one bad item fails alone and the others
+succeed. A chunk of one item is just ``task(item)``: ``batch=1`` is the one-by-one run.
+Results are still yielded per item and the progress bar counts items.
+
 Backends:
 
-``local``  ``setup()`` once in this process, then every item in order.
-``processes`` ``workers`` (default: the CPU count) spawned processes on this machine, each running
-           ``setup()`` once; results in completion order. Every worker watches its parent and
-           exits when it dies (a killed command leaves nothing computing on). A worker that dies
-           (out of memory) fails the items not yet done with one line; a ``setup()`` that raises
+``local``  ``setup()`` once in this process, then every chunk in order.
+``processes`` ``workers`` (default: the CPU count, at most one per chunk) spawned processes on
+           this machine, each running ``setup()`` once; a chunk at a time per process, results
+           in completion order. Every worker watches its parent and exits when it dies (a
+           killed command leaves nothing computing on). A worker that dies (out of memory)
+           fails the items not yet done with one line; a ``setup()`` that raises
            stops the run with ``NAFlowError``.
 ``ray``    ``ray.init(address=...)``, or a new local Ray instance when ``address`` is None
            (``num_cpus = workers``). ``workers`` actors (default: the cluster's CPUs; one CPU
-           each, spread over the nodes) each run ``setup()`` once; items are handed to the
+           each, spread over the nodes) each run ``setup()`` once; chunks are handed to the
            actors two at a time (one running, one queued) and results are streamed back with
            ``ray.wait``, in completion order. When an actor dies (its process or node is
-           killed, out of memory), a replacement actor is started and the items it held are
-           resubmitted; as it is unknown which of them killed it, each is then run alone on an
-           actor, and an item whose actor dies while it runs alone more than ``retries`` times
-           becomes a ``Failure``. A ``setup()`` that raises
+           killed, out of memory), a replacement actor is started and the items of the chunks
+           it held are resubmitted; as it is unknown which of them killed it, each is then run
+           alone (a chunk of one) on an actor, and an item whose actor dies while it runs
+           alone more than ``retries`` times becomes a ``Failure``. A ``setup()`` that raises
            stops the run with ``NAFlowError`` (a model that cannot be loaded on a node will not
            load on a retry).
 
@@ -46,6 +56,8 @@ from .errors import NAFlowError
 
 BACKENDS = ("local", "processes", "ray")
 IN_FLIGHT_PER_WORKER = 2
+# images per run_batch call of the commands' --batch (1 = one by one)
+DEFAULT_BATCH = 8
 # how long a ray run waits for a first worker to be started (no free CPU in the cluster?)
 STALL_S = 600.0
 
@@ -61,6 +73,11 @@ class Task:
         """One item -> one picklable result."""
         raise NotImplementedError
 
+    def run_batch(self, chunk: list) -> list:
+        """Several items -> their results, in order (override to compute them together). If it
+        raises, ``run_tasks`` runs the chunk's items one by one with ``task(item)``."""
+        return [self(item) for item in chunk]
+
 
 @dataclass
 class Failure:
@@ -68,6 +85,40 @@ class Failure:
     index: int
     item: Any
     message: str   # one line
+
+
+def run_batch(task, chunk: list) -> list:
+    """``task.run_batch(chunk)``, or ``[task(item) for item in chunk]`` for a task without one
+    (a plain class with ``setup`` and ``__call__``)."""
+    fn = getattr(task, "run_batch", None)
+    results = list(fn(chunk)) if fn is not None else [task(item) for item in chunk]
+    if len(results) != len(chunk):
+        raise NAFlowError(f"internal error: run_batch gave {len(results)} results for "
+                          f"{len(chunk)} items")
+    return results
+
+
+def run_chunk(task, chunk: list) -> list[tuple[bool, Any]]:
+    """One chunk on a worker: ``[(True, result) or (False, one-line message)]`` per item. The
+    chunk runs together (``run_batch``); if that raises, each item runs alone, so that only the
+    items that fail alone fail."""
+    if len(chunk) > 1:
+        try:
+            return [(True, r) for r in run_batch(task, chunk)]
+        except Exception:  # noqa: BLE001 - which item broke the batch is found one by one below
+            pass
+    out = []
+    for item in chunk:
+        try:
+            out.append((True, task(item)))
+        except Exception as exc:  # noqa: BLE001 - the item fails, the run goes on
+            out.append((False, one_line(exc)))
+    return out
+
+
+def chunks(n: int, batch: int) -> list[list[int]]:
+    """The indices 0..n-1 in order, in chunks of ``batch`` (the last one shorter)."""
+    return [list(range(i, min(i + batch, n))) for i in range(0, n, batch)]
 
 
 def one_line(exc: BaseException) -> str:
@@ -104,30 +155,35 @@ class TaskRun(Iterator):
 
 def run_tasks(task: Task, items: list, *, backend: str = "local", address: str | None = None,
               workers: int | None = None, retries: int = 2, progress: bool = True,
-              desc: str = "images", stall_s: float = STALL_S) -> Iterator[tuple[int, Any]]:
+              desc: str = "images", stall_s: float = STALL_S,
+              batch: int = 1) -> Iterator[tuple[int, Any]]:
     """Yields (index, result-or-Failure) as results arrive (any order for ray and processes, in
     order for local); a tqdm progress bar over len(items) (on a terminal only). ``stall_s``
-    (ray): how long to wait for a first actor before the items left fail."""
+    (ray): how long to wait for a first actor before the items left fail. ``batch``: items per
+    ``task.run_batch`` call (module docstring)."""
     if backend not in BACKENDS:
         raise NAFlowError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")
     if workers is not None and int(workers) < 1:
         raise NAFlowError(f"--workers must be >= 1, got {workers}")
     if retries < 0:
         raise NAFlowError(f"retries must be >= 0, got {retries}")
+    check_batch(batch)
     items = list(items)
+    groups = chunks(len(items), int(batch))
     stats = {"backend": backend, "address": address, "workers": 1 if backend == "local" else workers,
              "worker_deaths": 0, "resubmitted": 0, "failures": 0}
     if backend != "ray" and address is not None:
         raise NAFlowError("--address needs --backend ray")
     if backend == "local":
-        gen = _run_local(task, items, stats, progress, desc)
+        gen = _run_local(task, items, groups, stats, progress, desc)
     elif backend == "processes":
-        stats["workers"] = max(1, min(int(workers or os.cpu_count() or 1), len(items)))
-        gen = _run_processes(task, items, stats, progress, desc)
+        stats["workers"] = max(1, min(int(workers or os.cpu_count() or 1), len(groups)))
+        gen = _run_processes(task, items, groups, stats, progress, desc)
     else:
         ray = import_ray()
         gen = _ray_chatter_to_stderr(
-            _run_ray(ray, task, items, address, workers, retries, stats, progress, desc, stall_s))
+            _run_ray(ray, task, items, groups, address, workers, retries, stats, progress, desc,
+                     stall_s))
     return TaskRun(gen, stats)
 
 
@@ -141,6 +197,12 @@ def check_backend_options(backend: str, address: str | None, workers: int | None
         raise NAFlowError("--workers needs --backend ray (or processes)")
     if workers is not None and int(workers) < 1:
         raise NAFlowError(f"--workers must be >= 1, got {workers}")
+
+
+def check_batch(batch: int) -> None:
+    """--batch is a positive number of items."""
+    if int(batch) < 1:
+        raise NAFlowError(f"--batch must be >= 1, got {batch}")
 
 
 def import_ray():
@@ -157,18 +219,22 @@ def _bar(total: int, progress: bool, desc: str):
     return tqdm(total=total, desc=desc, disable=None if progress else True, leave=False)
 
 
-def _run_local(task, items, stats, progress, desc):
+def _outcome(i, item, ok, value, stats):
+    """An item's result, or its ``Failure`` (counted)."""
+    if ok:
+        return value
+    stats["failures"] += 1
+    return Failure(i, item, value)
+
+
+def _run_local(task, items, groups, stats, progress, desc):
     task.setup()
     bar = _bar(len(items), progress, desc)
     try:
-        for i, item in enumerate(items):
-            try:
-                result = task(item)
-            except Exception as exc:  # noqa: BLE001 - the item fails, the run goes on
-                result = Failure(i, item, one_line(exc))
-                stats["failures"] += 1
-            bar.update(1)
-            yield i, result
+        for group in groups:
+            for i, (ok, value) in zip(group, run_chunk(task, [items[i] for i in group])):
+                bar.update(1)
+                yield i, _outcome(i, items[i], ok, value, stats)
     finally:
         bar.close()
 
@@ -206,16 +272,13 @@ def _process_init(task: Task) -> None:
     _PROCESS_TASK["task"] = task
 
 
-def _process_call(item):
+def _process_call(chunk):
     if "error" in _PROCESS_TASK:
         return "setup", _PROCESS_TASK["error"]
-    try:
-        return "ok", _PROCESS_TASK["task"](item)
-    except Exception as exc:  # noqa: BLE001 - the item fails, the run goes on
-        return "fail", one_line(exc)
+    return "ok", run_chunk(_PROCESS_TASK["task"], chunk)
 
 
-def _run_processes(task, items, stats, progress, desc):
+def _run_processes(task, items, groups, stats, progress, desc):
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from concurrent.futures.process import BrokenProcessPool
@@ -226,21 +289,21 @@ def _run_processes(task, items, stats, progress, desc):
                                initializer=_process_init, initargs=(task,))
     bar = _bar(len(items), progress, desc)
     try:
-        futures = {pool.submit(_process_call, item): i for i, item in enumerate(items)}
+        futures = {pool.submit(_process_call, [items[i] for i in group]): group
+                   for group in groups}
         for fut in as_completed(futures):
-            i = futures[fut]
+            group = futures[fut]
             try:
                 status, value = fut.result()
             except BrokenProcessPool:
                 stats["worker_deaths"] = max(1, stats["worker_deaths"])
-                status, value = "fail", "a worker process died (out of memory?); try fewer workers"
+                status, value = "ok", [(False, "a worker process died (out of memory?); try "
+                                        "fewer workers")] * len(group)
             if status == "setup":
                 raise NAFlowError(f"worker set-up failed: {value}")
-            if status == "fail":
-                value = Failure(i, items[i], value)
-                stats["failures"] += 1
-            bar.update(1)
-            yield i, value
+            for i, (ok, result) in zip(group, value):
+                bar.update(1)
+                yield i, _outcome(i, items[i], ok, result, stats)
     finally:
         bar.close()
         pool.shutdown(wait=True, cancel_futures=True)
@@ -264,15 +327,12 @@ class _Worker:
         import socket
         return self.error, socket.gethostname(), os.getpid()
 
-    def run(self, index: int, item):
-        try:
-            return True, self.task(item)
-        except Exception as exc:  # noqa: BLE001 - the item fails, the run goes on
-            return False, one_line(exc)
+    def run(self, indices: list[int], chunk: list):
+        return run_chunk(self.task, chunk)
 
 
 class _Slot:
-    """One actor and what it holds: a set-up probe, then up to IN_FLIGHT_PER_WORKER items."""
+    """One actor and what it holds: a set-up probe, then up to IN_FLIGHT_PER_WORKER chunks."""
 
     def __init__(self, actor_cls, task_ref):
         self.actor = actor_cls.remote(task_ref)     # actor_cls carries its options
@@ -280,7 +340,7 @@ class _Slot:
         self.ready = False
         self.pid = None                    # the actor's process, once set up
         self.dead = False
-        self.in_flight: dict = {}          # object ref -> item index
+        self.in_flight: dict = {}          # object ref -> the chunk's item indices
         self.solo = False                  # holds one suspect item alone (see _run_ray)
         self.born = time.monotonic()
 
@@ -325,7 +385,8 @@ def _ray_chatter_to_stderr(gen):
         yield from gen
 
 
-def _run_ray(ray, task, items, address, workers, retries, stats, progress, desc, stall_s):
+def _run_ray(ray, task, items, groups, address, workers, retries, stats, progress, desc,
+             stall_s):
     from ray.exceptions import RayError, RayTaskError
     try:
         started = _init_ray(ray, address, workers)
@@ -346,13 +407,14 @@ def _run_ray(ray, task, items, address, workers, retries, stats, progress, desc,
         actor_cls = ray.remote(num_cpus=1, max_restarts=0, max_task_retries=0,
                                scheduling_strategy="SPREAD")(_Worker)
         task_ref = ray.put(task)
-        pending = collections.deque(range(n))
+        pending = collections.deque(groups)     # chunks of item indices
         # An actor that dies takes every item it holds; which one killed it is unknown (a
         # finished item's reply can be lost too). Those items become suspects: a suspect runs
-        # alone on an actor, and only a death during such a solo run is charged to the item.
+        # alone (a chunk of one) on an actor, and only a death during such a solo run is
+        # charged to the item.
         attempts = [0] * n         # deaths of the actor while the item ran on it alone
         suspect = [False] * n
-        where: dict = {}            # object ref -> (slot, index or None for the ready probe)
+        where: dict = {}            # object ref -> (slot, chunk or None for the ready probe)
         done = 0
 
         def spawn():
@@ -371,21 +433,22 @@ def _run_ray(ray, task, items, address, workers, retries, stats, progress, desc,
                 if done < n:
                     spawn()
 
-        for _ in range(min(workers, n)):
+        for _ in range(min(workers, len(groups))):
             spawn()
         deaths_before_ready = 0
         while done < n:
             for slot in slots:
                 while slot.ready and not slot.dead and not slot.solo and pending and \
                         len(slot.in_flight) < IN_FLIGHT_PER_WORKER:
-                    i = pending[0]
-                    if suspect[i] and slot.in_flight:
+                    chunk = pending[0]
+                    alone = suspect[chunk[0]]           # a suspect is always a chunk of one
+                    if alone and slot.in_flight:
                         break                         # a suspect waits for an idle actor
                     pending.popleft()
-                    ref = slot.actor.run.remote(i, items[i])
-                    slot.in_flight[ref] = i
-                    slot.solo = suspect[i]
-                    where[ref] = (slot, i)
+                    ref = slot.actor.run.remote(chunk, [items[i] for i in chunk])
+                    slot.in_flight[ref] = chunk
+                    slot.solo = alone
+                    where[ref] = (slot, chunk)
                     testhooks.reached("ray.dispatch", slot.pid)   # test-only pause point
             if not where:        # cannot happen: a dead actor is always replaced while items remain
                 raise NAFlowError("internal error: no Ray worker left and items remain")
@@ -394,7 +457,7 @@ def _run_ray(ray, task, items, address, workers, retries, stats, progress, desc,
                 live = [s for s in slots if not s.dead]
                 if live and not any(s.ready for s in live) and \
                         time.monotonic() - min(s.born for s in live) > stall_s:
-                    for i in list(pending):
+                    for i in [i for c in pending for i in c]:
                         yield i, Failure(i, items[i], f"no Ray worker started within {stall_s:.0f} s "
                                          "(no free CPU in the cluster?)")
                         stats["failures"] += 1
@@ -405,8 +468,8 @@ def _run_ray(ray, task, items, address, workers, retries, stats, progress, desc,
                         break
                 continue
             for ref in ready:
-                slot, i = where.pop(ref)
-                if i is None:                       # the set-up probe
+                slot, chunk = where.pop(ref)
+                if chunk is None:                   # the set-up probe
                     try:
                         error, host, pid = ray.get(ref)
                     except RayError:
@@ -421,31 +484,32 @@ def _run_ray(ray, task, items, address, workers, retries, stats, progress, desc,
                     slot.ready, slot.pid = True, pid
                     continue
                 try:
-                    ok, value = ray.get(ref)
-                    result = value if ok else Failure(i, items[i], value)
+                    outcomes = ray.get(ref)
                 except RayTaskError as exc:          # raised outside the task (e.g. pickling)
-                    result = Failure(i, items[i], one_line(exc.cause if getattr(exc, "cause", None)
-                                                            else exc))
+                    message = one_line(exc.cause if getattr(exc, "cause", None) else exc)
+                    outcomes = [(False, message)] * len(chunk)
                 except RayError as exc:              # the actor, its process or its node died
                     alone = slot.solo
                     bury(slot)
                     slot.in_flight.pop(ref, None)
-                    if alone:
-                        attempts[i] += 1
-                    suspect[i] = True
-                    if attempts[i] <= retries:
-                        stats["resubmitted"] += 1
-                        pending.appendleft(i)
+                    for i in reversed(chunk):        # resubmitted in their order, each alone
+                        if alone:
+                            attempts[i] += 1
+                        suspect[i] = True
+                        if attempts[i] <= retries:
+                            stats["resubmitted"] += 1
+                            pending.appendleft([i])
+                    chunk = [i for i in chunk if attempts[i] > retries]
+                    if not chunk:
                         continue
-                    result = Failure(i, items[i], f"the Ray worker died {attempts[i]} times while "
-                                     f"processing this item ({type(exc).__name__})")
+                    outcomes = [(False, f"the Ray worker died {attempts[i]} times while processing "
+                                 f"this item ({type(exc).__name__})") for i in chunk]
                 slot.in_flight.pop(ref, None)
                 slot.solo = False
-                if isinstance(result, Failure):
-                    stats["failures"] += 1
-                done += 1
-                bar.update(1)
-                yield i, result
+                for i, (ok, value) in zip(chunk, outcomes):
+                    done += 1
+                    bar.update(1)
+                    yield i, _outcome(i, items[i], ok, value, stats)
     finally:
         bar.close()
         for slot in slots:

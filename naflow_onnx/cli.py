@@ -54,10 +54,16 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="CPU threads for torch and onnxruntime (default: their own choice)")
 
 
-def add_backend_options(p: argparse.ArgumentParser, resume_help: str | None = None) -> None:
-    """--backend, --address, --workers (and --resume): naflow_onnx.backends, docs/ray.md."""
+def add_backend_options(p: argparse.ArgumentParser, resume_help: str | None = None,
+                        batch_help: str = "") -> None:
+    """--backend, --address, --workers, --batch (and --resume): naflow_onnx.backends,
+    docs/ray.md. ``batch_help``: what the command batches beyond the default sentence."""
     g = p.add_argument_group("backend (docs/ray.md)")
-    from .backends import BACKENDS
+    from .backends import BACKENDS, DEFAULT_BATCH
+    g.add_argument("--batch", type=int, default=DEFAULT_BATCH,
+                   help=f"images analysed together: one forward and backward pass and one batched "
+                        f"solve per batch (default {DEFAULT_BATCH}; 1 = one by one; results do not "
+                        f"depend on it beyond the solver tolerance){batch_help}")
     g.add_argument("--backend", choices=BACKENDS, default="local",
                    help="local: this process (default); processes: worker processes on this "
                         "machine; ray: Ray actors; each worker loads the model once")
@@ -130,13 +136,14 @@ def _similarity_target(args):
 
 # run-level options of `analyze`: they do not change any result (not part of the resume key)
 RUN_OPTIONS = ("out", "json", "quiet", "threads", "backend", "address", "workers", "resume",
-               "retries", "debug", "func", "command", "images", "max_image_pixels")
+               "retries", "debug", "func", "command", "images", "max_image_pixels", "batch")
 
 
 def check_backend_args(args) -> None:
-    """--address belongs to --backend ray, --workers to processes or ray."""
-    from .backends import check_backend_options
+    """--address belongs to --backend ray, --workers to processes or ray; --batch >= 1."""
+    from .backends import check_backend_options, check_batch
     check_backend_options(args.backend, args.address, args.workers)
+    check_batch(args.batch)
 
 
 class AnalyzeTask:
@@ -172,19 +179,19 @@ class AnalyzeTask:
             self.analyzer.capture = Capture(self.analyzer.graph.model, args.provider,
                                             threads=args.threads)
 
-    def __call__(self, item) -> dict:
-        import tempfile
-
+    def _segments_bar(self, what: str):
+        """The per-segment progress bar of the back-projection (local backend, one terminal)."""
         from tqdm import tqdm
+        return tqdm(total=None, desc=f"segments ({what})", leave=False, unit="seg",
+                    disable=None if self.segments_bar else True)
 
-        from .io import write_flow_files
+    def __call__(self, item) -> dict:
         from . import testhooks
         from .similarity import similarity_flows
         image, name = item
         testhooks.reached("analyze.image")
         args = argparse.Namespace(**self.options)
-        with tqdm(total=None, desc=f"segments ({Path(image).name})", leave=False, unit="seg",
-                  disable=None if self.segments_bar else True) as bar:
+        with self._segments_bar(Path(image).name) as bar:
             partner = None
             similarity = _similarity_target(args)
             if similarity is not None:
@@ -197,11 +204,37 @@ class AnalyzeTask:
                                              method=args.method, objective=dense,
                                              compare=args.compare, layers=args.layers,
                                              progress=bar.update)
-        with tempfile.TemporaryDirectory() as d:
-            write_flow_files(flow, Path(d), partner=partner)
-            files = {p.relative_to(d).as_posix(): p.read_bytes()
-                     for p in sorted(Path(d).rglob("*")) if p.is_file()}
-        return {"files": files, "summary": _summary(flow, Path(name or "."))}
+        return _result(flow, name, partner)
+
+    def run_batch(self, items: list) -> list[dict]:
+        """Several images together (``Analyzer.analyze_many``: one batched forward, backward and
+        solve); similarity targets are analysed one by one."""
+        from . import testhooks
+        args = argparse.Namespace(**self.options)
+        if _similarity_target(args) is not None:
+            return [self(item) for item in items]
+        for _ in items:
+            testhooks.reached("analyze.image")
+        dense = dense_target(args, self.analyzer)
+        with self._segments_bar(f"{len(items)} images") as bar:
+            flows = self.analyzer.analyze_many(
+                [image for image, _ in items], target=None if dense else args.target,
+                method=args.method, objective=dense, compare=args.compare, layers=args.layers,
+                batch=len(items), progress=bar.update)
+        return [_result(flow, name) for flow, (_, name) in zip(flows, items)]
+
+
+def _result(flow, name: str, partner=None) -> dict:
+    """One analysed image as the driver writes it: its files' bytes (flow.json, maps.npz,
+    flow.png, ...; rendered where the analysis ran) and its summary."""
+    import tempfile
+
+    from .io import write_flow_files
+    with tempfile.TemporaryDirectory() as d:
+        write_flow_files(flow, Path(d), partner=partner)
+        files = {p.relative_to(d).as_posix(): p.read_bytes()
+                 for p in sorted(Path(d).rglob("*")) if p.is_file()}
+    return {"files": files, "summary": _summary(flow, Path(name or "."))}
 
 
 def _resume_keys(args, analyzer, names: list[str]) -> list[str]:
@@ -259,7 +292,7 @@ def cmd_analyze(args) -> int:
         else:
             results = run_tasks(task, items, backend=args.backend, address=args.address,
                                 workers=args.workers, progress=not quiet and len(items) > 1,
-                                desc="images")
+                                desc="images", batch=args.batch)
         for j, result in results:
             i = todo[j]
             if isinstance(result, Failure):
@@ -428,7 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--quiet", action="store_true", help="no progress bars")
     add_backend_options(a, resume_help="skip images whose results are already complete in --out "
                         "(from a finished, failed or interrupted run with the same model, image "
-                        "and options; docs/ray.md)")
+                        "and options; docs/ray.md)",
+                        batch_help="; similarity targets (--reference, ...) are analysed one by one")
     _add_model_options(a)
     a.set_defaults(func=cmd_analyze)
 

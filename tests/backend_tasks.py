@@ -37,3 +37,27 @@ class Block(Task):
     def __call__(self, item):
         Path(self.folder, str(os.getpid())).write_text(str(item))
         threading.Event().wait()
+
+
+class BatchSquare(Square):
+    """Square with a ``run_batch``: item -> (item², worker pid, the chunk it was computed in, or
+    None when computed alone); a chunk holding 3 raises as a whole."""
+
+    def __call__(self, item):
+        return (*super().__call__(item), None)
+
+    def run_batch(self, chunk):
+        assert self.ready
+        if 3 in chunk:
+            raise ValueError("a batch with three")
+        return [(x * x, os.getpid(), tuple(chunk)) for x in chunk]
+
+
+class PlainSquare:
+    """Not a ``Task`` subclass (like AnalyzeTask, CheckTask): set-up and call only."""
+
+    def setup(self) -> None:
+        pass
+
+    def __call__(self, item):
+        return item * item

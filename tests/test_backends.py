@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from backend_tasks import Square
+from backend_tasks import BatchSquare, PlainSquare, Square
 from conftest import ROOT
 from naflow_onnx.backends import Failure, run_tasks
 from naflow_onnx.errors import NAFlowError
@@ -83,3 +83,66 @@ def test_workers_exit_when_their_parent_is_killed(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+# ------------------------------------------------------------------------------------------------
+# batches (run_tasks(..., batch=B)): chunks of B items in order, task.run_batch per chunk
+
+
+@pytest.mark.parametrize("backend", ["local", "processes"])
+def test_batches_keep_order_indices_and_isolate_a_failure(backend):
+    """10 items in chunks of 4: [0..3] holds the bad item 3, so its run_batch raises and its
+    items run alone (3 fails alone, 0-2 succeed); [4..7] and [8, 9] run as batches."""
+    items = list(range(10))
+    with run_tasks(BatchSquare(), items, backend=backend, workers=2, progress=False,
+                   batch=4) as run:
+        out = list(run)
+    if backend == "local":
+        assert [i for i, _ in out] == items                          # in order
+    got = dict(out)
+    assert sorted(got) == items and len(out) == len(items)
+    fail = got[3]
+    assert isinstance(fail, Failure) and fail.index == 3 and fail.item == 3
+    assert fail.message == "ValueError: three is refused"           # the item's own error
+    assert run.stats["failures"] == 1
+    for i in (0, 1, 2):
+        assert got[i][0] == i * i and got[i][2] is None              # alone, after the batch failed
+    for i in range(4, 10):
+        assert got[i][0] == i * i and got[i][2] == ((4, 5, 6, 7) if i < 8 else (8, 9))
+    pids = {got[i][1] for i in items if i != 3}
+    if backend == "local":
+        assert pids == {os.getpid()}
+    else:
+        assert os.getpid() not in pids and run.stats["workers"] == 2   # three chunks, two workers
+
+
+def test_batch_larger_than_the_items_is_one_chunk():
+    with run_tasks(BatchSquare(), [5, 6, 7], progress=False, batch=50) as run:
+        assert dict(run) == {0: (25, os.getpid(), (5, 6, 7)), 1: (36, os.getpid(), (5, 6, 7)),
+                             2: (49, os.getpid(), (5, 6, 7))}
+    with run_tasks(BatchSquare(), [5, 6], backend="processes", workers=4, progress=False,
+                   batch=50) as run:
+        assert {i: r[2] for i, r in run} == {0: (5, 6), 1: (5, 6)}
+    assert run.stats["workers"] == 1                # one chunk: one worker, not four
+
+
+def test_batch_1_runs_each_item_alone():
+    """batch=1 (the default) never calls run_batch: every item is task(item), as before."""
+    for kwargs in ({}, {"batch": 1}):
+        with run_tasks(BatchSquare(), list(range(6)), progress=False, **kwargs) as run:
+            got = dict(run)
+        assert [got[i][2] for i in range(6) if i != 3] == [None] * 5
+        assert isinstance(got[3], Failure) and got[3].message == "ValueError: three is refused"
+
+
+@pytest.mark.parametrize("backend", ["local", "processes"])
+def test_a_task_without_run_batch_is_batched_one_by_one(backend):
+    with run_tasks(PlainSquare(), list(range(7)), backend=backend, workers=2, progress=False,
+                   batch=3) as run:
+        assert dict(run) == {i: i * i for i in range(7)}
+    assert run.stats["failures"] == 0
+
+
+def test_bad_batch_is_refused():
+    with pytest.raises(NAFlowError, match="--batch must be >= 1, got 0"):
+        run_tasks(Square(), [1], batch=0)

@@ -292,7 +292,9 @@ def test_interrupt_keeps_finished_images_for_resume(small_models, image, tmp_pat
     work = tmp_path / "work"
     work.mkdir()
     model, out = small_models["chain"][1], work / "out"
-    run = Paused([model, image, image, "--out", out, "--quiet"], "analyze.image", n=2)
+    # --batch 1: one by one, so the first image is finished when the second starts
+    run = Paused([model, image, image, "--out", out, "--quiet", "--batch", "1"], "analyze.image",
+                 n=2)
     run.wait_reached()
     run.proc.send_signal(signal.SIGINT)
     code, err = run.finish()

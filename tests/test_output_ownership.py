@@ -246,7 +246,7 @@ def test_a_second_run_on_a_folder_in_progress_is_refused(project, references, tm
     leaves A's staging folder alone; A then finishes whole."""
     out = tmp_path / "many"
     args = ["analyze", str(project["model"]), str(project["a"]), str(project["b"]),
-            "--out", str(out), "--quiet"]
+            "--out", str(out), "--quiet", "--batch", "1"]    # one by one: a is done when b starts
     seen = []
 
     def run_b(count):

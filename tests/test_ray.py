@@ -240,6 +240,26 @@ def test_ray_item_that_always_kills_its_worker_fails_after_retries(cluster, tmp_
     assert run.stats["worker_deaths"] in (2, 3) and run.stats["resubmitted"] >= 1, run.stats
 
 
+def test_ray_batches_isolate_failures_and_rerun_a_dead_chunk_item_by_item(cluster, tmp_path):
+    """batch=4: a raising item fails alone inside its chunk; an actor killed by an item of a
+    chunk of 3 gets the chunk's items resubmitted one by one, and they all succeed."""
+    items = list(range(-2, 10))
+    run = run_tasks(Square(str(tmp_path)), items, backend="ray", address=cluster.address,
+                    workers=2, progress=False, batch=4)
+    out = dict(run)
+    assert sorted(out) == list(range(len(items)))
+    assert [out[i].message for i in (0, 1)] == ["ValueError: negative item -2",
+                                                "ValueError: negative item -1"]
+    assert all(out[i][0] == x * x for i, x in enumerate(items) if x >= 0)
+    assert run.stats["failures"] == 2 and run.stats["worker_deaths"] == 0
+    dies = tmp_path / "dies"
+    dies.mkdir()
+    run = run_tasks(DieOnce(str(dies)), ["a", "b", "die", "c", "d", "e"], backend="ray",
+                    address=cluster.address, workers=2, retries=1, progress=False, batch=3)
+    assert dict(run) == {0: "a", 1: "b", 2: "survived", 3: "c", 4: "d", 5: "e"}
+    assert run.stats["worker_deaths"] >= 1 and run.stats["resubmitted"] >= 3, run.stats
+
+
 def test_ray_setup_error_stops_the_run(cluster):
     with pytest.raises(NAFlowError, match="worker set-up failed on .*: model not found"):
         list(run_tasks(BadSetup(), [1, 2], backend="ray", address=cluster.address, workers=1,

@@ -56,7 +56,8 @@ def options_from(args) -> CheckOptions:
     """The library options of the command's arguments (checked: one line, exit 2)."""
     opts = CheckOptions(method=args.method, jobs=args.jobs, threads=args.threads,
                         provider=args.provider, device=args.device, backend=args.backend,
-                        address=args.address, workers=args.workers, quiet=args.quiet)
+                        address=args.address, workers=args.workers, quiet=args.quiet,
+                        batch=args.batch)
     opts.validate()
     return opts
 

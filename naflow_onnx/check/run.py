@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import testhooks
+from ..backends import DEFAULT_BATCH
 from ..errors import NAFlowError
 from ..methods import METHODS
 from . import checks as ck
@@ -39,7 +40,8 @@ class CheckOptions:
     configuration's [analysis] method, else naflow); the rest says where and how the work runs:
     ``jobs`` local worker processes, or ``backend="ray"`` (``address``, ``workers``); ``threads``
     torch/onnxruntime threads per process; ``memo`` reuses this process's earlier analyses of
-    the same model, image and settings; ``quiet``: no progress bar."""
+    the same model, image and settings; ``quiet``: no progress bar; ``batch``: images analysed
+    together (one batched forward, backward and solve; 1 = one by one)."""
 
     method: str | None = None
     jobs: int = 1
@@ -51,11 +53,13 @@ class CheckOptions:
     workers: int | None = None
     quiet: bool = True
     memo: bool = True
+    batch: int = DEFAULT_BATCH
 
     def validate(self) -> None:
-        from ..backends import check_backend_options
+        from ..backends import check_backend_options, check_batch
         if self.jobs < 1:
             raise NAFlowError(f"--jobs must be >= 1, got {self.jobs}")
+        check_batch(self.batch)
         check_backend_options(self.backend, self.address, self.workers)
         if self.backend == "ray" and self.jobs != 1:
             raise NAFlowError("--jobs is for the local backend; with --backend ray give --workers")
@@ -117,29 +121,55 @@ def clear_memo() -> None:
 
 
 def analyse(analyzer, spec: Spec, image: Path, target=None):
-    """One analysis, memoised in this process unless ``spec.memo`` is off (same model file
-    content, image content, settings and target give the same maps: the engine is deterministic)."""
-    use = spec.memo
-    key = _memo_key(analyzer, spec, image, target) if use else None
-    if use and key in _MEMO:
-        _MEMO.move_to_end(key)
-        return _MEMO[key]
+    """One analysis (``analyse_many`` of one image)."""
+    return analyse_many(analyzer, spec, [(image, target)])[0]
+
+
+def _target_args(target) -> dict:
+    """A check target as ``Analyzer.analyze``'s ``target`` and ``objective``: a class index (None:
+    top-1), or ("detect", class or None) for a detector: the highest-scoring box of the class (of
+    any class for None); every score is a candidate, so a missing detection fails box_iou
+    instead of erroring."""
     if isinstance(target, (tuple, list)) and target[0] == "detect":
-        # a detector: the highest-scoring box of the class (of any class for None); every
-        # score is a candidate, so a missing detection fails box_iou instead of erroring
         from ..targets import DetectionOptions, DetectionTarget
-        objective = DetectionTarget(DetectionOptions(target=target[1], min_score=0.0)
-                                    if target[1] is not None else DetectionOptions())
-        flow = analyzer.analyze(image, objective=objective, method=spec.method,
-                                layers=spec.layers)
+        return {"target": None, "objective": DetectionTarget(
+            DetectionOptions(target=target[1], min_score=0.0) if target[1] is not None
+            else DetectionOptions())}
+    return {"target": target, "objective": None}
+
+
+def analyse_many(analyzer, spec: Spec, pairs: list[tuple[Path, object]]) -> list:
+    """The flows of several (image, target) pairs, memoised in this process unless
+    ``spec.memo`` is off (same model file content, image content, settings and target give the
+    same maps: the engine is deterministic). The images not in the memo are analysed together
+    (``Analyzer.analyze_many``; one alone is ``Analyzer.analyze``)."""
+    use = spec.memo
+    keys = [_memo_key(analyzer, spec, image, target) if use else None for image, target in pairs]
+    flows = [_MEMO.get(key) if use else None for key in keys]
+    for key, flow in zip(keys, flows):
+        if flow is not None:
+            _MEMO.move_to_end(key)
+    todo = [j for j, flow in enumerate(flows) if flow is None]
+    if len(todo) == 1:
+        image, target = pairs[todo[0]]
+        new = [analyzer.analyze(image, method=spec.method, layers=spec.layers,
+                                **_target_args(target))]
+    elif todo:
+        args = [_target_args(pairs[j][1]) for j in todo]
+        new = analyzer.analyze_many([pairs[j][0] for j in todo],
+                                    target=[a["target"] for a in args],
+                                    objective=[a["objective"] for a in args],
+                                    method=spec.method, layers=spec.layers, batch=len(todo))
     else:
-        flow = analyzer.analyze(image, target=target, method=spec.method, layers=spec.layers)
-    flow.tensors = None
-    if use:
-        _MEMO[key] = flow
-        while len(_MEMO) > _MEMO_SIZE:
-            _MEMO.popitem(last=False)
-    return flow
+        new = []
+    for j, flow in zip(todo, new):
+        flow.tensors = None
+        flows[j] = flow
+        if use:
+            _MEMO[keys[j]] = flow
+            while len(_MEMO) > _MEMO_SIZE:
+                _MEMO.popitem(last=False)
+    return flows
 
 
 def _safe(fn, *args):
@@ -185,6 +215,12 @@ class CheckTask:
     def __call__(self, item):
         image, target = item
         return _safe(lambda: analyse(self.analyzer, self.spec, Path(image), target))
+
+    def run_batch(self, items: list) -> list:
+        """Several (image, target) items of this model and method analysed together; if that
+        raises, ``run_tasks`` runs them one by one (``__call__``), so a bad image errors alone."""
+        flows = analyse_many(self.analyzer, self.spec, [(Path(im), t) for im, t in items])
+        return [("ok", flow) for flow in flows]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -267,8 +303,9 @@ class Runner:
     this process."""
 
     def __init__(self, analyzer, spec: Spec, jobs: int, backend: str = "local",
-                 address: str | None = None, workers: int | None = None):
+                 address: str | None = None, workers: int | None = None, batch: int = 1):
         self.analyzer, self.spec, self.jobs = analyzer, spec, max(1, int(jobs))
+        self.batch = batch
         self.backend, self.address, self.workers = backend, address, workers
         self._run = None
         self.stats = {"backend": backend, "address": address,
@@ -291,7 +328,7 @@ class Runner:
             task.analyzer = self.analyzer
         run = self._run = run_tasks(task, [(str(image), target) for image, target in tasks],
                                     backend=self.engine, address=self.address,
-                                    workers=self.workers, progress=False)
+                                    workers=self.workers, progress=False, batch=self.batch)
         with run:
             try:
                 for i, result in run:
@@ -641,7 +678,7 @@ def write_reports(out, report: dict, extras: dict, html_all: bool = False, state
 
 def _runner(st: Setup, opts: CheckOptions) -> Runner:
     return Runner(st.analyzer, st.spec, opts.jobs, backend=opts.backend, address=opts.address,
-                  workers=opts.workers)
+                  workers=opts.workers, batch=opts.batch)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ def _floats(text: str) -> list[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..backends import BACKENDS
+    from ..backends import BACKENDS, DEFAULT_BATCH
     from ..rules.solver import DEFAULT_DAMP
 
     p = argparse.ArgumentParser(prog="naflow evaluate", description=(
@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=BACKENDS, default="local")
     p.add_argument("--address", help="Ray cluster address (default: start a local instance)")
     p.add_argument("--workers", type=int, help="worker processes or Ray actors (default: the CPUs)")
+    p.add_argument("--batch", type=int, default=DEFAULT_BATCH,
+                   help=f"images prepared and back-projected together (default {DEFAULT_BATCH}; "
+                        "1 = one by one; scores do not depend on it beyond the solver tolerance)")
     p.add_argument("--json", action="store_true", help="print evaluation.json's summary as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -89,7 +92,7 @@ def options_from(args) -> EvaluateOptions:
         randomise_images=args.randomise_images, randomise_steps=args.randomise_steps,
         randomise_seed=args.randomise_seed, preprocess=args.preprocess, threads=args.threads,
         jobs=args.jobs, backend=args.backend, address=args.address, workers=args.workers,
-        quiet=args.quiet)
+        quiet=args.quiet, batch=args.batch)
 
 
 def _cmd_evaluate(args) -> int:

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..backends import DEFAULT_BATCH
 from ..errors import NAFlowError
 from ..methods import METHODS
 
@@ -24,7 +25,8 @@ class EvaluateOptions:
     ``methods``, naflow at ``damp`` or at each of ``damps``, ``tol``, ``max_iter``, ``layers``,
     ``preprocess``. The metrics: deletion/insertion ``steps``; the randomisation test on the
     first ``randomise_images`` images at ``randomise_steps`` points of the cascade. Where it
-    runs: ``threads`` per worker, ``jobs`` local processes or ``backend="ray"``."""
+    runs: ``threads`` per worker, ``jobs`` local processes or ``backend="ray"``; ``batch`` images
+    prepared and back-projected together (1 = one by one)."""
 
     dataset: str = "synthetic"
     n: int | None = None
@@ -49,6 +51,7 @@ class EvaluateOptions:
     address: str | None = None
     workers: int | None = None
     quiet: bool = True
+    batch: int = DEFAULT_BATCH
 
 
 
@@ -72,7 +75,7 @@ def _iterate(task, items, opts):
     if backend == "local" and opts.jobs > 1:
         backend, workers = "processes", opts.jobs
     with run_tasks(task, items, backend=backend, address=opts.address, workers=workers,
-                   progress=not opts.quiet, desc="evaluate") as results:
+                   progress=not opts.quiet, desc="evaluate", batch=opts.batch) as results:
         yield from results
 
 
@@ -90,8 +93,10 @@ def run(model, options: EvaluateOptions | None = None) -> "Evaluation":  # noqa:
     import importlib.util
     if importlib.util.find_spec("scipy") is None:
         raise NAFlowError("naflow evaluate needs scipy: pip install 'naflow-onnx[evaluate]'")
+    from ..backends import check_batch
     from ..rules.solver import DEFAULT_DAMP
     opts = options or EvaluateOptions()
+    check_batch(opts.batch)
     damp = DEFAULT_DAMP if opts.damp is None else float(opts.damp)
     methods = list(opts.methods)
     bad = [m for m in methods if m not in METHODS]

@@ -133,31 +133,72 @@ class EvaluationTask(Task):
                 self.randomised.append((k, names[-1], Analyzer(m, **self.analyzer_options)))
 
     # ---------------------------------------------------------------- per image
-    def maps(self, analyzer, item) -> tuple[object, dict, dict]:
-        """The analysed point and ``{variant: {tensor: map}}`` (None where the back-projection
-        diverged) plus the solver summary per naflow variant."""
-        point = analyzer.prepare(item.image, target=item.target, layers=self.layers)
-        out, solver = {}, {}
+    def maps(self, analyzer, items) -> list[tuple[object, dict, dict]]:
+        """Per item: the analysed point and ``{variant: {tensor: map}}`` (None where the
+        back-projection diverged) plus the solver summary per naflow variant. Several items are
+        prepared together (``prepare_many``) and back-projected together at each naflow damping
+        (``backproject_many``); one item alone takes the one-image stages."""
+        if len(items) == 1:
+            points = [analyzer.prepare(items[0].image, target=items[0].target, layers=self.layers)]
+        else:
+            points = analyzer.prepare_many([it.image for it in items],
+                                           target=[it.target for it in items], layers=self.layers)
+        done = [(point, {}, {}) for point in points]
         for v in self.variants:
-            bpfm = None
+            bpfms = [None] * len(points)
             if v.method == "naflow":
-                bpfm = analyzer.backproject(point, damp=v.damp)
-                solver[v.name] = bpfm.solver_summary()
-                error = bpfm.error()
-                if error:                    # this variant fails on this image; the others go on
-                    solver[v.name]["error"] = error
-                    out[v.name] = None
-                    continue
-            out[v.name] = analyzer.maps(point, v.method, bpfm)
-        return point, out, solver
+                bpfms = [analyzer.backproject(points[0], damp=v.damp)] if len(points) == 1 else \
+                    analyzer.backproject_many(points, damp=v.damp)
+            for (point, out, solver), bpfm in zip(done, bpfms):
+                if bpfm is not None:
+                    solver[v.name] = bpfm.solver_summary()
+                    error = bpfm.error()
+                    if error:                # this variant fails on this image; the others go on
+                        solver[v.name]["error"] = error
+                        out[v.name] = None
+                        continue
+                out[v.name] = analyzer.maps(point, v.method, bpfm)
+        return done
 
     def __call__(self, item) -> dict:
+        return self.run_batch([item])[0]
+
+    def run_batch(self, items: list) -> list[dict]:
+        """The items' results; the maps of the chunk (and of its randomised models) are computed
+        together, the metrics per image. The seconds of a shared stage are split evenly among
+        the chunk's images."""
         import time
 
+        t0 = time.perf_counter()
+        analysed = self.maps(self.analyzer, items)
+        shared = (time.perf_counter() - t0) / len(items)
+        results = []
+        for item, (point, maps, solver) in zip(items, analysed):
+            t1 = time.perf_counter()
+            results.append(self._scores(item, point, maps, solver))
+            results[-1]["seconds"] = {"maps_and_metrics": shared + time.perf_counter() - t1,
+                                      "randomisation": 0.0}
+        chosen = [j for j, item in enumerate(items)
+                  if self.randomised and item.index < self.randomise_images]
+        if chosen:
+            t2 = time.perf_counter()
+            for j in chosen:
+                results[j]["randomisation"] = np.full(
+                    (len(self.randomised), len(self.variants), len(results[j]["tensors"])), np.nan)
+            for a, (_, _, analyzer_k) in enumerate(self.randomised):
+                randomised = self.maps(analyzer_k, [items[j] for j in chosen])
+                for j, (_, maps_k, _) in zip(chosen, randomised):
+                    self._spearman(results[j]["randomisation"][a], analysed[j][1], maps_k,
+                                   results[j]["tensors"])
+            for j in chosen:
+                results[j]["seconds"]["randomisation"] = (time.perf_counter() - t2) / len(chosen)
+        return results
+
+    def _scores(self, item, point, maps: dict, solver: dict) -> dict:
+        """One image's result without its randomisation test: energy, pointing game, deletion
+        and insertion AUC of every variant's map at every layer."""
         from . import metrics as M
 
-        t0 = time.perf_counter()
-        point, maps, solver = self.maps(self.analyzer, item)
         view = point.view
         mask = item.mask_for(view.shape[:2])
         target = int(point.target["index"])
@@ -179,17 +220,6 @@ class EvaluationTask(Task):
                         M.deletion_auc(prob, view, m, steps=self.steps, batch_size=self.steps + 1),
                         M.insertion_auc(prob, view, m, steps=self.steps, batch_size=self.steps + 1))
                 scores[i, j, 2:4] = curves[key]
-        t1 = time.perf_counter()
-        spear = None
-        if self.randomised and item.index < self.randomise_images:
-            spear = np.full((len(self.randomised), V, L), np.nan)
-            for a, (_, _, analyzer_k) in enumerate(self.randomised):
-                _, maps_k, _ = self.maps(analyzer_k, item)
-                for i, v in enumerate(self.variants):
-                    if maps[v.name] is None or maps_k[v.name] is None:
-                        continue
-                    for j, t in enumerate(tensors):
-                        spear[a, i, j] = M.spearman(maps[v.name][t], maps_k[v.name][t])
         top = point.target["top5"][0]["index"]
         return {"index": item.index, "name": item.name, "tensors": tensors,
                 "layers": [{"tensor": la.tensor, "op_type": la.op_type, "shape": la.shape,
@@ -197,6 +227,15 @@ class EvaluationTask(Task):
                            for la in self.analyzer.layer_records(point)],
                 "target": target, "label": item.label, "predicted": int(top),
                 "probability": float(point.target["probability"]),
-                "mask_fraction": float(mask.mean()), "scores": scores, "randomisation": spear,
-                "solver": solver, "seconds": {"maps_and_metrics": t1 - t0,
-                                              "randomisation": time.perf_counter() - t1}}
+                "mask_fraction": float(mask.mean()), "scores": scores, "randomisation": None,
+                "solver": solver, "seconds": {}}
+
+    def _spearman(self, out: np.ndarray, maps: dict, maps_k: dict, tensors: list) -> None:
+        """``out[variant, layer]``: the rank correlation of each map with the randomised model's."""
+        from . import metrics as M
+
+        for i, v in enumerate(self.variants):
+            if maps[v.name] is None or maps_k[v.name] is None:
+                continue
+            for j, t in enumerate(tensors):
+                out[i, j] = M.spearman(maps[v.name][t], maps_k[v.name][t])
