@@ -27,7 +27,7 @@ from . import labels as labels_mod
 from . import preprocess as pp_mod
 from .capture import Capture
 from .errors import NAFlowError, UnsupportedOpError
-from .forward import parity, run_graph
+from .forward import image_parity, parity, run_graph
 from .graph import DEFAULT_MAX_BYTES, ModelGraph, Plan, embedding_tensor, load_model, plan
 from .importance import class_objective, importance, resolve_class, scores_of
 from .similarity import SimilarityObjective
@@ -430,7 +430,8 @@ class Analyzer:
         return SimilarityObjective(name, np.asarray(vec, np.float64), description, details)
 
     def forward(self, x: np.ndarray):
-        """Capture with onnxruntime, rebuild in torch with grad tracking, check parity."""
+        """Capture with onnxruntime, rebuild in torch with grad tracking, check parity (of each
+        image of a batch: a list of records when ``x`` holds several)."""
         t0 = time.perf_counter()
         captured = self.capture.run(x)
         t1 = time.perf_counter()
@@ -438,7 +439,8 @@ class Analyzer:
             self._constants = {k: v.to(self.device) for k, v in self.graph.constants.items()}
         values = run_graph(self.graph, torch.from_numpy(x), self.device, track=True,
                            constants=self._constants)
-        par = parity(values, captured, self.parity_tol)
+        par = image_parity(values, captured, self.parity_tol, x.shape[0]) if x.shape[0] > 1 \
+            else parity(values, captured, self.parity_tol)
         return values, par, {"capture_s": t1 - t0, "rebuild_s": time.perf_counter() - t1}
 
     # ------------------------------------------------------------------ the stages of one analysis
@@ -665,7 +667,7 @@ class Analyzer:
                 env={t: env[t][b:b + 1] for t in pl.data if isinstance(env.get(t), torch.Tensor)},
                 plan=pl, Lambda={t: v[b:b + 1] for t, v in lam.items()},
                 target=self._class_record(scores[b:b + 1], index[b]),
-                score_tensor=mg.score_name, parity=par, timings=dict(timings), layers=chosen,
+                score_tensor=mg.score_name, parity=par[b], timings=dict(timings), layers=chosen,
                 layer_spec=layers, batch=shared, index=b))
         return points
 

@@ -45,8 +45,17 @@ def parity(values: dict[str, torch.Tensor], captured: dict[str, np.ndarray],
 
     Relative error = ||torch - ort|| / max(||ort||, 1e-6 * sqrt(numel)). Over tolerance raises.
     """
-    worst, worst_name, checked = 0.0, None, 0
-    per_tensor = {}
+    return image_parity(values, captured, tolerance, 1)[0]
+
+
+def image_parity(values: dict[str, torch.Tensor], captured: dict[str, np.ndarray],
+                 tolerance: float, images: int) -> list[dict]:
+    """``parity`` of each image of a batch (dim 0 of every tensor whose dim 0 is the batch; a
+    tensor without one counts whole for every image)."""
+    worst = [0.0] * images
+    worst_name: list[str | None] = [None] * images
+    checked = 0
+    per_tensor: list[dict] = [{} for _ in range(images)]
     for name, ref in captured.items():
         t = values.get(name)
         if t is None or not np.issubdtype(ref.dtype, np.floating) or ref.size == 0:
@@ -57,16 +66,23 @@ def parity(values: dict[str, torch.Tensor], captured: dict[str, np.ndarray],
                               f"{ref.shape}")
         if not np.all(np.isfinite(ref)):
             raise ParityError(f"tensor '{name}': the model produces NaN/Inf on this input")
-        denom = max(float(np.linalg.norm(ref)), 1e-6 * np.sqrt(ref.size))
-        err = float(np.linalg.norm(a - ref)) / denom
-        per_tensor[name] = err
+        rows = images if images > 1 and ref.ndim and ref.shape[0] == images else 1
+        r, d = ref.reshape(rows, -1), (a - ref).reshape(rows, -1)
+        denom = np.maximum(np.linalg.norm(r, axis=1), 1e-6 * np.sqrt(r.shape[1]))
+        errs = np.linalg.norm(d, axis=1) / denom
         checked += 1
-        if err > worst:
-            worst, worst_name = err, name
-    record = {"max_relative_error": worst, "worst_tensor": worst_name, "tensors_checked": checked,
-              "tolerance": tolerance}
-    if worst > tolerance:
-        raise ParityError(f"torch rebuild differs from onnxruntime at tensor '{worst_name}': "
-                          f"relative error {worst:.3g} > tolerance {tolerance:.3g}")
-    record["per_tensor"] = per_tensor
-    return record
+        for b in range(images):
+            err = float(errs[b if rows > 1 else 0])
+            per_tensor[b][name] = err
+            if err > worst[b]:
+                worst[b], worst_name[b] = err, name
+    out = []
+    for b in range(images):
+        if worst[b] > tolerance:
+            raise ParityError(f"torch rebuild differs from onnxruntime at tensor '{worst_name[b]}': "
+                              f"relative error {worst[b]:.3g} > tolerance {tolerance:.3g}"
+                              + (f" (image {b + 1} of the batch)" if images > 1 else ""))
+        out.append({"max_relative_error": worst[b], "worst_tensor": worst_name[b],
+                    "tensors_checked": checked, "tolerance": tolerance,
+                    "per_tensor": per_tensor[b]})
+    return out

@@ -91,6 +91,7 @@ def comparable_flow(folder: Path) -> dict:
     doc = json.loads((folder / "flow.json").read_text())
     for k in ("timings", "solver_summary"):
         doc.pop(k)
+    doc["options"].pop("batch")         # how many images were solved together
     for layer in doc["layers"]:
         layer.pop("solver", None)
     return doc
@@ -136,6 +137,10 @@ def test_analyze_batch_2_gives_the_batch_1_results_on_mobilenet(mobilenet_onnx, 
         s.pop("seconds"), s.pop("out"), s.pop("solver")
     assert_close(one, two)
     assert_same_analyses(tmp_path / "one", tmp_path / "two")
+    solved_with = [json.loads((tmp_path / d / name / "flow.json").read_text())["options"]["batch"]
+                   for d in ("one", "two") for name in sorted(p.name for p in (tmp_path / d).iterdir()
+                                                              if p.is_dir())]
+    assert solved_with == [1, 1, 1, 2, 2, 1]   # the first two photos in one batched solve
 
 
 def test_a_bad_image_in_a_batch_fails_alone(red, tmp_path, spy, capsys):
