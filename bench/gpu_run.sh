@@ -17,3 +17,7 @@ timeout ${GPU_PERF_S:-150} python3 bench/perf.py --device cuda --threads 8 --mod
   --sizes 224 --repeats 3 --batch 8 --timeout 120 --out "$OUT/perf_gpu.json" 2>&1 | tail -30 | tee "$OUT/perf_gpu.txt"
 timeout ${GPU_TIMM_S:-180} python3 bench/timm_families.py --no-stub --device cuda --threads 8 --size 224 \
   --repeats 3 --timeout 60 --out "$OUT/timm_families_gpu.json" 2>&1 | tail -30 | tee "$OUT/timm_families_gpu.txt"
+# issue 17: batched images/s on CUDA (goals: MobileNetV2 >= 200, ResNet-50 >= 50 images/s, every
+# solve converged); onnxruntime stays on its CPU provider here
+timeout ${GPU_THROUGHPUT_S:-200} python3 bench/throughput.py --device cuda --threads 8 --images 64 \
+  --batch 32 --repeats 3 --out "$OUT/throughput_gpu.json" 2>&1 | tail -8 | tee "$OUT/throughput_gpu.txt"
