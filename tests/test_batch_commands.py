@@ -8,40 +8,19 @@ records each call's image count, which proves that the batched path ran at all."
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from compare import ATOL, assert_close
 from exporters.torch_export import export
 from smallnets import RedDetector
 from naflow_onnx.check import main_baseline, main_check
 from naflow_onnx.check.run import clear_memo
 from naflow_onnx.cli import main as cli_main
 from naflow_onnx.flow import Analyzer
-
-ATOL = 1e-4
-
-
-def assert_close(a, b, where="") -> None:
-    """Equal structure; numbers within ATOL (relative for large ones), the rest equal."""
-    if isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), (where, set(a) ^ set(b))
-        for k in a:
-            assert_close(a[k], b[k], f"{where}/{k}")
-    elif isinstance(a, list):
-        assert isinstance(b, list) and len(a) == len(b), where
-        for k, (x, y) in enumerate(zip(a, b)):
-            assert_close(x, y, f"{where}[{k}]")
-    elif isinstance(a, float) or isinstance(b, float):
-        assert isinstance(a, (int, float)) and isinstance(b, (int, float)), (where, a, b)
-        assert (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=ATOL,
-                                                                 abs_tol=ATOL), (where, a, b)
-    else:
-        assert a == b, (where, a, b)
-
 
 @pytest.fixture
 def spy(monkeypatch):

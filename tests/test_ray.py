@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from compare import assert_close
+
 # Ray's nodes talk over loopback only (Ray's switch for single-machine clusters, read at import:
 # this process then finds itself at 127.0.0.1, where the nodes below are)
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
@@ -344,7 +346,9 @@ def test_check_on_ray_survives_a_killed_worker_node(cluster, dataset, local_repo
     lcode, lreport = local_report
     assert code == lcode
     assert report["summary"]["errors"] == 0, [e for e in report["images"] if e["status"] == "error"]
-    assert comparable(report) == comparable(lreport)      # every value of every image
+    # every value of every image; the killed actor's items were rerun alone, not in their
+    # batch, so their numbers may differ from the local run's in the last bits
+    assert_close(comparable(report), comparable(lreport))
     b = report["backend"]
     assert b["name"] == "ray" and b["address"] == cluster.address
     assert b["worker_deaths"] >= 1 and b["resubmitted"] >= 1, b
