@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import cache as cache_mod
 from . import labels as labels_mod
 from . import preprocess as pp_mod
 from .capture import Capture
@@ -294,7 +295,9 @@ def _select_layers(features: list[str], mg: ModelGraph, spec: str | None) -> lis
 
 class Analyzer:
     """A loaded model, ready to analyse images. Reuse it across images: graph analysis and the
-    onnxruntime session are built once."""
+    onnxruntime session are built once. ``cache``: what depends only on the model (the solver
+    memo) is read from and written to the user cache folder (True), the folder given, or not at
+    all (False); see ``cache.py``."""
 
     def __init__(self, model, *, preprocess: str | None = None, mean=None, std=None, size=None,
                  layout=None, provider: str | None = None, device: str | None = None,
@@ -302,7 +305,7 @@ class Analyzer:
                  max_iter: int = 2000, parity_tol: float = 1e-3, labels=None,
                  output: str | None = None, embedding_output: str | None = None,
                  max_model_bytes: int = DEFAULT_MAX_BYTES, max_image_pixels: int | None = None,
-                 reference_solver: bool = False):
+                 reference_solver: bool = False, cache: bool | str | Path = True):
         if conv_inverse not in ("lsq", "paper"):
             raise NAFlowError(f"--conv-inverse must be 'lsq' or 'paper', not '{conv_inverse}'")
         if damp < 0:
@@ -320,6 +323,12 @@ class Analyzer:
             labels_mod.from_metadata(self.graph.metadata) or metadata_names(self.graph.metadata))
         self.opts = SolverOptions(damp=float(damp), tol=tol, max_iter=max_iter,
                                   conv_inverse=conv_inverse, reference=reference_solver)
+        # the point-independent solver memo, kept across processes (cache.py; False: none)
+        self.cache = cache_mod.ModelCache.open(cache, self.graph.sha256)
+        if self.cache is not None:
+            self.opts.cache.update(cache_mod.load_solver_memo(self.cache, self.graph, self.device,
+                                                              self.opts.power_iter))
+        self._cached_keys = set(self.opts.cache)
         self.parity_tol = parity_tol
         self.max_image_pixels = max_image_pixels        # None: preprocess.DEFAULT_MAX_IMAGE_PIXELS
         self._plans: dict[tuple, Plan] = {}
@@ -438,7 +447,15 @@ class Analyzer:
         t0 = time.perf_counter()
         bpfm, records = backproject(self.graph, point.plan, point.env, point.Lambda, opts, progress,
                                     set(point.layers))
+        self._save_cache()
         return BPFMResult(bpfm, records, opts.damp, time.perf_counter() - t0)
+
+    def _save_cache(self) -> None:
+        """The solver memo into the cache when it gained entries (once per new entry set)."""
+        if self.cache is not None and not set(self.opts.cache) <= self._cached_keys:
+            self._cached_keys = set(self.opts.cache)
+            cache_mod.save_solver_memo(self.cache, self.graph, self.opts.cache, self.device,
+                                       self.opts.power_iter)
 
     @staticmethod
     def maps(point: Point, method: str, bpfm: BPFMResult | None = None) -> dict[str, np.ndarray]:
