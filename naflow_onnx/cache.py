@@ -9,8 +9,9 @@ schema, the versions of naflow_onnx, torch and onnxruntime, the model's sha256 a
 version's, wrong shapes or dtypes) is ignored and later rewritten, never trusted. A folder that
 cannot be written makes the run work uncached, with one warning on stderr per folder.
 
-Kept today (measured to pay, bench/README.md "Cold start"): the solver memo entries that do not
-depend on the image (``SolverOptions.cache``): the σ of a convolution by power iteration
+Kept today (measured to pay, bench/README.md "Cold start"): the graph check (``graph``: the
+model passed ``onnx.checker``, and what ``onnx.shape_inference`` added: value_info and the typed
+outputs), and the solver memo entries that do not depend on the image (``SolverOptions.cache``): the σ of a convolution by power iteration
 (``("sigma", (node, shape))``) and the damped pseudo-inverse of a 1×1 convolution by float64 SVD
 (``("pinv", node, damp)`` -> (P, W, s_max); W is the node's weight, rebuilt from the model, not
 stored).
@@ -52,9 +53,10 @@ def resolve(setting) -> Path | None:
 
 
 def versions() -> dict:
+    import onnx
     import onnxruntime
     from . import __version__
-    return {"naflow_onnx": __version__, "torch": torch.__version__,
+    return {"naflow_onnx": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
             "onnxruntime": onnxruntime.__version__}
 
 
@@ -189,3 +191,41 @@ def save_solver_memo(cache: ModelCache, mg, memo: dict, device: torch.device,
             pinv.append({"node": int(key[1]), "damp": float(key[2]), "s_max": float(value[2]),
                          "array": name})
     return cache.write(solver_key(device), arrays, power_iter=power_iter, sigma=sigma, pinv=pinv)
+
+
+# ---------------------------------------------------------------- the graph check (graph.load_model)
+def load_checked(cache: ModelCache, model, in_place: bool):
+    """Entry ``graph`` applied to ``model`` (in place, else to a copy): its value_info and outputs
+    become those that shape inference gave, and the model passed onnx.checker. None (model
+    untouched) when there is no valid entry: the outputs must be the model's, by name and order,
+    and every value_info a node output of the model."""
+    import onnx
+    entry = cache.read("graph")
+    if entry is None or "graph" not in entry[1]:
+        return None
+    try:
+        inferred = onnx.GraphProto.FromString(entry[1]["graph"].tobytes())
+    except Exception:
+        return None
+    g = model.graph
+    produced = {t for n in g.node for t in n.output}
+    if ([o.name for o in inferred.output] != [o.name for o in g.output] or inferred.node
+            or inferred.initializer or any(v.name not in produced for v in inferred.value_info)):
+        return None
+    if not in_place:
+        original, model = model, onnx.ModelProto()
+        model.CopyFrom(original)
+    g = model.graph
+    del g.value_info[:]
+    g.value_info.extend(inferred.value_info)
+    del g.output[:]
+    g.output.extend(inferred.output)
+    return model
+
+
+def save_checked(cache: ModelCache, model) -> bool:
+    """Entry ``graph`` of a model that passed onnx.checker, after shape inference."""
+    import onnx
+    blob = onnx.GraphProto(value_info=model.graph.value_info,
+                           output=model.graph.output).SerializeToString()
+    return cache.write("graph", {"graph": np.frombuffer(blob, np.uint8)})

@@ -310,7 +310,7 @@ class Analyzer:
             raise NAFlowError(f"--conv-inverse must be 'lsq' or 'paper', not '{conv_inverse}'")
         if damp < 0:
             raise NAFlowError(f"--damp must be >= 0 (or inf), got {damp}")
-        self.graph: ModelGraph = load_model(model, max_model_bytes, output)
+        self.graph: ModelGraph = load_model(model, max_model_bytes, output, cache)
         self.capture = Capture(self.graph.model, provider)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cuda":
