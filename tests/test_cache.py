@@ -226,3 +226,28 @@ def test_load_model_from_cache_equals_uncached_and_keeps_the_callers_proto(chain
     assert len(cached.model.graph.value_info) > 0      # shape inference's result, from the cache
     assert proto.SerializeToString() == bare           # not changed in place
     assert plain.float_tensors == cached.float_tensors
+
+
+def test_cli_no_cache(chain, small_image, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from naflow_onnx.check import cli as check_cli
+    from naflow_onnx.cli import main
+    from naflow_onnx.evaluate import cli as evaluate_cli
+    image = tmp_path / "x.png"
+    Image.fromarray(small_image).save(image)
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("NAFLOW_CACHE_DIR", str(folder))
+    common = ["analyze", str(chain), str(image), "--quiet", "--preprocess", "none"]
+    assert main([*common, "--out", str(tmp_path / "a"), "--no-cache"]) == 0
+    assert (tmp_path / "a" / "flow.json").is_file() and not folder.exists()
+    assert main([*common, "--out", str(tmp_path / "b")]) == 0
+    assert len(_entries(folder)) == 2
+    for parser in (check_cli.build_check_parser(), check_cli.build_baseline_parser()):
+        required = ["--config", "c.toml"] + (["-o", "b.npz"] if "baseline" in parser.prog else [])
+        for flag, expect in (([], True), (["--no-cache"], False)):
+            args = parser.parse_args([str(chain), *required, *flag])
+            assert check_cli.options_from(args).cache is expect
+    for flag, expect in (([], True), (["--no-cache"], False)):
+        args = evaluate_cli.build_parser().parse_args([str(chain), "--out", "e", *flag])
+        assert evaluate_cli.options_from(args).cache is expect

@@ -24,7 +24,8 @@ class EvaluateOptions:
     ``methods``, naflow at ``damp`` or at each of ``damps``, ``tol``, ``max_iter``, ``layers``,
     ``preprocess``. The metrics: deletion/insertion ``steps``; the randomisation test on the
     first ``randomise_images`` images at ``randomise_steps`` points of the cascade. Where it
-    runs: ``threads`` per worker, ``jobs`` local processes or ``backend="ray"``."""
+    runs: ``threads`` per worker, ``jobs`` local processes or ``backend="ray"``; ``cache``: read
+    and write the model cache (README "Cache")."""
 
     dataset: str = "synthetic"
     n: int | None = None
@@ -49,6 +50,7 @@ class EvaluateOptions:
     address: str | None = None
     workers: int | None = None
     quiet: bool = True
+    cache: bool = True
 
 
 
@@ -113,7 +115,7 @@ def run(model, options: EvaluateOptions | None = None) -> "Evaluation":  # noqa:
     ks = cascade_steps(len(nodes), opts.randomise_steps) if opts.randomise_images else []
     cascade = [(k, nodes[k - 1][1]) for k in ks]
     analyzer_options = {"damp": damp, "tol": opts.tol, "max_iter": opts.max_iter,
-                        "preprocess": opts.preprocess}
+                        "preprocess": opts.preprocess, "cache": opts.cache}
     variants = variants_of(methods, damps)
     task = EvaluationTask(str(path), variants, analyzer_options, layers=opts.layers, steps=opts.steps,
                           randomise_images=min(opts.randomise_images, len(items)) if ks else 0,
