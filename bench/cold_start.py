@@ -1,7 +1,7 @@
 """Cold start: the one-call ``naflow_onnx.analyze`` in a fresh process against a warm Analyzer.
 
     python bench/cold_start.py [--models mobilenet-v2,resnet50] [--size 224] [--repeats 3]
-                               [--threads 1] [--cache /tmp/naflow-bench]
+                               [--warm-calls 3] [--threads 1] [--cache /tmp/naflow-bench]
                                [--out bench/results/cold_start.json]
 
 Side by side in one run, each measurement in its own fresh subprocess, the rounds interleaved
@@ -11,9 +11,12 @@ Side by side in one run, each measurement in its own fresh subprocess, the round
           folder): what a first run on a machine costs
   cached  the same with the cache that an earlier run filled (naflow_onnx/cache.py)
   warm    ``Analyzer.analyze(image)`` on an Analyzer that already analysed the same image once
-          (median of --repeats calls in one process; ``cache=False``)
+          (median of --warm-calls calls in one process; ``cache=False``)
 
-Times are of the call alone (imports are reported apart, ``import_s``: torch and onnxruntime
+Every round runs the three; the ratios are the medians over the rounds of each round's ratio
+(robust to a load that drifts between rounds on a shared machine), for wall-clock time and for
+the process's CPU time (``time.process_time``: with one thread, what contention does not
+inflate). Times are of the call alone (imports are reported apart, ``import_s``: torch and onnxruntime
 cost the same in every process and no cache removes them). Each process records where its time
 went (``parts``: the graph check, onnxruntime session, rebuilt forward, plan, importance, the
 σ power iterations and 1×1 pinv SVDs, the cache reads and writes, the rest of the
@@ -93,21 +96,22 @@ def worker(task: dict) -> dict:
     if task["kind"] == "warm":
         analyzer = flow_mod.Analyzer(task["model"], cache=False, **options)
         analyzer.analyze(image)
-        times = []
-        for _ in range(task["repeats"]):
+        times, cpu = [], []
+        for _ in range(task["calls"]):
             parts.clear()
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             flow = analyzer.analyze(image)
             times.append(time.perf_counter() - t)
-        seconds = statistics.median(times)
+            cpu.append(time.process_time() - c)
     else:
         os.environ["NAFLOW_CACHE_DIR"] = task["cache_dir"]
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         flow = nf.analyze(task["model"], image, **options)
-        seconds = time.perf_counter() - t
-        times = [seconds]
+        times, cpu = [time.perf_counter() - t], [time.process_time() - c]
+    seconds = statistics.median(times)
     named = sum(v for k, v in parts.items() if k not in ("sigma_power_iteration", "pinv_svd"))
-    return {"kind": task["kind"], "seconds": seconds, "times": times, "import_s": import_s,
+    return {"kind": task["kind"], "seconds": seconds, "times": times,
+            "cpu_seconds": statistics.median(cpu), "cpu_times": cpu, "import_s": import_s,
             "parts": {**{k: round(v, 4) for k, v in parts.items()},
                       "rest": round(times[-1] - named, 4)},
             "all_converged": flow.solver_summary()["all_converged"],
@@ -120,7 +124,7 @@ def measure(name: str, size: int, args, workdir: Path) -> dict:
         return {"model": name, "size": size, "skipped": skip}
     image = photos(1, Path(args.cache))[0]
     base = {"model": model, "preprocess": preprocess, "image": image, "threads": args.threads,
-            "repeats": args.repeats}
+            "calls": args.warm_calls}
     filled = workdir / f"{name}-filled"
     filled.mkdir()
     first = run_task({**base, "kind": "empty", "cache_dir": str(filled)}, args.timeout, Path(__file__))
@@ -131,20 +135,23 @@ def measure(name: str, size: int, args, workdir: Path) -> dict:
         empty = workdir / f"{name}-empty-{i}"
         empty.mkdir()
         for kind in KINDS:
-            task = {**base, "kind": kind, "cache_dir": str(empty if kind == "empty" else filled),
-                    "repeats": args.repeats if kind == "warm" else 1}
-            if kind == "warm" and i > 0:
-                continue          # one warm process gives --repeats timed calls
+            task = {**base, "kind": kind, "cache_dir": str(empty if kind == "empty" else filled)}
             out = run_task(task, args.timeout, Path(__file__))
             if "error" in out:
                 return {"model": name, "size": size, "error": f"{kind}: {out['error']}"}
             runs[kind].append(out)
             print(f"  {name} {kind}: {out['seconds']:.3f} s", flush=True)
-    med = {k: statistics.median(t for r in runs[k] for t in r["times"]) for k in KINDS}
+    def ratio(kind, key):
+        return round(statistics.median(runs[kind][i][key] / runs["warm"][i][key]
+                                       for i in range(args.repeats)), 3)
+    med = {k: statistics.median(r["seconds"] for r in runs[k]) for k in KINDS}
+    cpu = {k: statistics.median(r["cpu_seconds"] for r in runs[k]) for k in KINDS}
     cache_bytes = sum(p.stat().st_size for p in filled.iterdir())
     return {"model": name, "size": size, "seconds": {k: round(v, 4) for k, v in med.items()},
-            "ratio_empty": round(med["empty"] / med["warm"], 3),
-            "ratio_cached": round(med["cached"] / med["warm"], 3),
+            "cpu_seconds": {k: round(v, 4) for k, v in cpu.items()},
+            "ratio_empty": ratio("empty", "seconds"), "ratio_cached": ratio("cached", "seconds"),
+            "cpu_ratio_empty": ratio("empty", "cpu_seconds"),
+            "cpu_ratio_cached": ratio("cached", "cpu_seconds"),
             "import_s": round(statistics.median(r["import_s"] for k in KINDS for r in runs[k]), 3),
             "cache_bytes": cache_bytes, "runs": runs,
             "all_converged": all(r["all_converged"] for k in KINDS for r in runs[k])}
@@ -152,15 +159,16 @@ def measure(name: str, size: int, args, workdir: Path) -> dict:
 
 def table(entries: list[dict]) -> str:
     lines = ["| model | one-call, empty cache (s) | one-call, cached (s) | warm Analyzer (s) | "
-             "empty / warm | cached / warm | cache size |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "empty / warm | cached / warm | CPU: empty / warm | CPU: cached / warm | cache size |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for e in entries:
         if "seconds" not in e:
-            lines.append(f"| {e['model']} {e['size']} | {e.get('skipped') or e.get('error')} |||||")
+            lines.append(f"| {e['model']} {e['size']} | {e.get('skipped') or e.get('error')} |||||||")
             continue
         s = e["seconds"]
         lines.append(f"| {e['model']} {e['size']} | {s['empty']:.3f} | {s['cached']:.3f} | "
                      f"{s['warm']:.3f} | {e['ratio_empty']:.2f} | {e['ratio_cached']:.2f} | "
+                     f"{e['cpu_ratio_empty']:.2f} | {e['cpu_ratio_cached']:.2f} | "
                      f"{e['cache_bytes'] / 1e6:.1f} MB |")
     return "\n".join(lines)
 
@@ -186,7 +194,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="mobilenet-v2,resnet50")
     ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="rounds (fresh processes of each kind)")
+    ap.add_argument("--warm-calls", type=int, default=3, help="timed calls per warm process")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cache", default="/tmp/naflow-bench", help="where models are exported once")
     ap.add_argument("--out", default=str(HERE / "results" / "cold_start.json"))
@@ -202,6 +211,7 @@ def main(argv=None) -> int:
             entries.append(measure(name, args.size, args, Path(d)))
     meta = {"python": platform.python_version(), "machine": platform.machine(),
             "cpus": os.cpu_count(), "threads": args.threads, "repeats": args.repeats,
+            "warm_calls": args.warm_calls,
             "loadavg": loadavg(), "time": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "entries": entries}, indent=1) + "\n")
