@@ -323,12 +323,10 @@ class Analyzer:
             labels_mod.from_metadata(self.graph.metadata) or metadata_names(self.graph.metadata))
         self.opts = SolverOptions(damp=float(damp), tol=tol, max_iter=max_iter,
                                   conv_inverse=conv_inverse, reference=reference_solver)
-        # the point-independent solver memo, kept across processes (cache.py; False: none)
+        # the point-independent solver memo, kept across processes (cache.py; False: none);
+        # read at the first back-projection
         self.cache = cache_mod.ModelCache.open(cache, self.graph.sha256)
-        if self.cache is not None:
-            self.opts.cache.update(cache_mod.load_solver_memo(self.cache, self.graph, self.device,
-                                                              self.opts.power_iter))
-        self._cached_keys = set(self.opts.cache)
+        self._cached_keys: set | None = None
         self.parity_tol = parity_tol
         self.max_image_pixels = max_image_pixels        # None: preprocess.DEFAULT_MAX_IMAGE_PIXELS
         self._plans: dict[tuple, Plan] = {}
@@ -443,12 +441,21 @@ class Analyzer:
     def backproject(self, point: Point, damp: float | None = None, progress=None) -> BPFMResult:
         """Stage 2: the BPFM of every chosen layer at damping ``damp`` (default: the analyzer's).
         The result is not checked: ``.check()`` raises if the solve diverged."""
+        self._load_cache()
         opts = self.opts if damp is None else replace(self.opts, damp=float(damp))
         t0 = time.perf_counter()
         bpfm, records = backproject(self.graph, point.plan, point.env, point.Lambda, opts, progress,
                                     set(point.layers))
         self._save_cache()
         return BPFMResult(bpfm, records, opts.damp, time.perf_counter() - t0)
+
+    def _load_cache(self) -> None:
+        """The cached solver memo entries, once, before the first solve."""
+        if self._cached_keys is None:
+            if self.cache is not None:
+                self.opts.cache.update(cache_mod.load_solver_memo(
+                    self.cache, self.graph, self.device, self.opts.power_iter))
+            self._cached_keys = set(self.opts.cache)
 
     def _save_cache(self) -> None:
         """The solver memo into the cache when it gained entries (once per new entry set)."""
