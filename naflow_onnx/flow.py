@@ -295,9 +295,9 @@ def _select_layers(features: list[str], mg: ModelGraph, spec: str | None) -> lis
 
 class Analyzer:
     """A loaded model, ready to analyse images. Reuse it across images: graph analysis and the
-    onnxruntime session are built once. ``cache``: what depends only on the model (the solver
-    memo) is read from and written to the user cache folder (True), the folder given, or not at
-    all (False); see ``cache.py``."""
+    onnxruntime session are built once. ``cache``: what depends only on the model (the graph
+    check, the solver memo) is read from and written to the user cache folder (True), the folder
+    given, or not at all (False); see ``cache.py`` and README "Cache"."""
 
     def __init__(self, model, *, preprocess: str | None = None, mean=None, std=None, size=None,
                  layout=None, provider: str | None = None, device: str | None = None,

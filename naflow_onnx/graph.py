@@ -105,12 +105,7 @@ def load_model(source, max_bytes: int = DEFAULT_MAX_BYTES, output: str | None = 
     store = cache_mod.ModelCache.open(cache, sha)
     # a ModelProto given by the caller is not changed in place
     cached = cache_mod.load_checked(store, model, in_place=path is not None) if store else None
-    if cached is not None:
-        model = cached
-    else:
-        model = check_and_infer(model, where)
-        if store is not None:
-            cache_mod.save_checked(store, model)
+    model = cached if cached is not None else check_and_infer(model, where)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     g = model.graph
 
@@ -172,6 +167,8 @@ def load_model(source, max_bytes: int = DEFAULT_MAX_BYTES, output: str | None = 
     float_tensors = {v.name for v in list(g.value_info) + list(g.output) + list(g.input)
                      if v.type.tensor_type.elem_type in float_types}
     metadata = {p.key: p.value for p in model.metadata_props}
+    if store is not None and cached is None:      # a model refused above leaves no entry
+        cache_mod.save_checked(store, model)
     return ModelGraph(model=model, path=path, sha256=sha, opset=opset, input_name=inp.name,
                       input_shape=input_shape, output_name=output_name, score_name=score,
                       nodes=nodes, producer=producer, constants=constants, metadata=metadata,

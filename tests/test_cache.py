@@ -268,3 +268,16 @@ def test_cli_no_cache(chain, small_image, tmp_path, monkeypatch):
     for flag, expect in (([], True), (["--no-cache"], False)):
         args = evaluate_cli.build_parser().parse_args([str(chain), "--out", "e", *flag])
         assert evaluate_cli.options_from(args).cache is expect
+
+
+def test_a_refused_model_leaves_no_entry(chain, tmp_path):
+    from naflow_onnx.errors import ModelError
+    with pytest.raises(ModelError, match="output 'nope' is not produced"):
+        load_model(chain, output="nope", cache=tmp_path)      # refused after the checker
+    broken = onnx.load(chain)
+    broken.graph.node[1].input[0] = "nowhere"
+    with pytest.raises(ModelError, match="fails onnx.checker"):
+        load_model(broken, cache=tmp_path)
+    assert _entries(tmp_path) == {}
+    load_model(chain, cache=tmp_path)
+    assert len(_entries(tmp_path)) == 1
