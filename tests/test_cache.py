@@ -281,3 +281,16 @@ def test_a_refused_model_leaves_no_entry(chain, tmp_path):
     assert _entries(tmp_path) == {}
     load_model(chain, cache=tmp_path)
     assert len(_entries(tmp_path)) == 1
+
+
+def test_check_workers_follow_the_cache_option(chain, tmp_path, monkeypatch):
+    """check/baseline build their analysers (and their workers') from a Spec: it carries the
+    option."""
+    from naflow_onnx.check.run import Spec
+    monkeypatch.setenv("NAFLOW_CACHE_DIR", str(tmp_path / "c"))
+    spec = Spec(model=str(chain), preprocess="none", damp=None, provider="cpu", device="cpu",
+                method="naflow", layers=None, cache=False)
+    assert spec.analyzer().cache is None
+    assert not (tmp_path / "c").exists()
+    assert Spec(**{**spec.__dict__, "cache": True}).analyzer().cache is not None
+    assert len(_entries(tmp_path / "c")) == 1                 # the graph entry
