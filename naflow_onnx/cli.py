@@ -52,6 +52,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                         "about 89 million)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch and onnxruntime (default: their own choice)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="neither read nor write the model cache (README \"Cache\")")
 
 
 def add_backend_options(p: argparse.ArgumentParser, resume_help: str | None = None,
@@ -89,7 +91,8 @@ def analyzer_from_args(args):
                     parity_tol=args.parity_tol, labels=args.labels, output=args.output,
                     embedding_output=getattr(args, "embedding_output", None),
                     max_model_bytes=args.max_model_bytes or DEFAULT_MAX_BYTES,
-                    max_image_pixels=getattr(args, "max_image_pixels", None))
+                    max_image_pixels=getattr(args, "max_image_pixels", None),
+                    cache=not getattr(args, "no_cache", False))
 
 
 def _summary(flow, folder: Path) -> dict:
@@ -136,7 +139,8 @@ def _similarity_target(args):
 
 # run-level options of `analyze`: they do not change any result (not part of the resume key)
 RUN_OPTIONS = ("out", "json", "quiet", "threads", "backend", "address", "workers", "resume",
-               "retries", "debug", "func", "command", "images", "max_image_pixels", "batch")
+               "retries", "debug", "func", "command", "images", "max_image_pixels", "batch",
+               "no_cache")
 
 
 def check_backend_args(args) -> None:

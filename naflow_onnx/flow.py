@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import cache as cache_mod
 from . import labels as labels_mod
 from . import preprocess as pp_mod
 from .capture import Capture
@@ -356,7 +357,9 @@ def _select_layers(features: list[str], mg: ModelGraph, spec: str | None) -> lis
 
 class Analyzer:
     """A loaded model, ready to analyse images. Reuse it across images: graph analysis and the
-    onnxruntime session are built once."""
+    onnxruntime session are built once. ``cache``: what depends only on the model (the graph
+    check, the solver memo) is read from and written to the user cache folder (True), the folder
+    given, or not at all (False); see ``cache.py`` and README "Cache"."""
 
     def __init__(self, model, *, preprocess: str | None = None, mean=None, std=None, size=None,
                  layout=None, provider: str | None = None, device: str | None = None,
@@ -364,12 +367,12 @@ class Analyzer:
                  max_iter: int = 2000, parity_tol: float = 1e-3, labels=None,
                  output: str | None = None, embedding_output: str | None = None,
                  max_model_bytes: int = DEFAULT_MAX_BYTES, max_image_pixels: int | None = None,
-                 reference_solver: bool = False):
+                 reference_solver: bool = False, cache: bool | str | Path = True):
         if conv_inverse not in ("lsq", "paper"):
             raise NAFlowError(f"--conv-inverse must be 'lsq' or 'paper', not '{conv_inverse}'")
         if damp < 0:
             raise NAFlowError(f"--damp must be >= 0 (or inf), got {damp}")
-        self.graph: ModelGraph = load_model(model, max_model_bytes, output)
+        self.graph: ModelGraph = load_model(model, max_model_bytes, output, cache)
         self.capture = Capture(self.graph.model, provider)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cuda":
@@ -382,6 +385,10 @@ class Analyzer:
             labels_mod.from_metadata(self.graph.metadata) or metadata_names(self.graph.metadata))
         self.opts = SolverOptions(damp=float(damp), tol=tol, max_iter=max_iter,
                                   conv_inverse=conv_inverse, reference=reference_solver)
+        # the point-independent solver memo, kept across processes (cache.py; False: none);
+        # read at the first back-projection
+        self.cache = cache_mod.ModelCache.open(cache, self.graph.sha256)
+        self._cached_keys: set | None = None
         self.parity_tol = parity_tol
         self.max_image_pixels = max_image_pixels        # None: preprocess.DEFAULT_MAX_IMAGE_PIXELS
         self._plans: dict[tuple, Plan] = {}
@@ -502,6 +509,7 @@ class Analyzer:
         maps by these methods are taken as the walk goes back, and each BPFM is dropped as
         soon as the walk is past it (``BPFMResult.maps``; its ``bpfm`` is then empty): the
         memory of one analysis then holds the BPFMs of about one segment, not of the network."""
+        self._load_cache()
         opts = self.opts if damp is None else replace(self.opts, damp=float(damp))
         stream = tuple(dict.fromkeys(stream))
         for m in stream:
@@ -519,6 +527,7 @@ class Analyzer:
         taker = _MapTaker(point.env, point.Lambda, set(point.layers), stream, 1) if stream else None
         bpfm, records = backproject(self.graph, point.plan, point.env, point.Lambda, opts, progress,
                                     set(point.layers), release=taker)
+        self._save_cache()
         return BPFMResult(bpfm, records, opts.damp, time.perf_counter() - t0,
                           maps=taker.maps if taker else None,
                           nonfinite=taker.nonfinite[0] if taker else None)
@@ -537,7 +546,23 @@ class Analyzer:
             batch.solved[key] = _Solved(bpfm, records, (time.perf_counter() - t0) / batch.images,
                                         taker.maps if taker else {},
                                         taker.nonfinite if taker else [[]] * batch.images)
+            self._save_cache()
         return batch.solved[key]
+
+    def _load_cache(self) -> None:
+        """The cached solver memo entries, once, before the first solve."""
+        if self._cached_keys is None:
+            if self.cache is not None:
+                self.opts.cache.update(cache_mod.load_solver_memo(
+                    self.cache, self.graph, self.device, self.opts.power_iter))
+            self._cached_keys = set(self.opts.cache)
+
+    def _save_cache(self) -> None:
+        """The solver memo into the cache when it gained entries (once per new entry set)."""
+        if self.cache is not None and not set(self.opts.cache) <= self._cached_keys:
+            self._cached_keys = set(self.opts.cache)
+            cache_mod.save_solver_memo(self.cache, self.graph, self.opts.cache, self.device,
+                                       self.opts.power_iter)
 
     @staticmethod
     def maps(point: Point, method: str, bpfm: BPFMResult | None = None) -> dict[str, np.ndarray]:

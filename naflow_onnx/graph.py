@@ -95,21 +95,17 @@ def read_model(source, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[onnx.ModelPr
     return model, path, hashlib.sha256(blob).hexdigest()
 
 
-def load_model(source, max_bytes: int = DEFAULT_MAX_BYTES, output: str | None = None) -> ModelGraph:
+def load_model(source, max_bytes: int = DEFAULT_MAX_BYTES, output: str | None = None,
+               cache=None) -> ModelGraph:
+    """``cache`` (``Analyzer``'s setting, cache.py): the checker's pass and shape inference's
+    result are read from / kept in the user cache, by the model's sha256."""
+    from . import cache as cache_mod
     model, path, sha = read_model(source, max_bytes)
     where = path or "model"
-    try:
-        onnx.checker.check_model(model)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        # an op version that a later opset replaced (GroupNormalization-18, whose scale is per
-        # group) is still valid ONNX that onnxruntime runs: only a deprecation is accepted
-        if not first.endswith(tuple(f"is deprecated in domain_version of {v}" for v in range(1, 100))):
-            raise ModelError(f"{where}: fails onnx.checker: {first}") from None
-    try:
-        model = onnx.shape_inference.infer_shapes(model)
-    except Exception:
-        pass  # shapes come from the forward pass; inference only gives dtypes early
+    store = cache_mod.ModelCache.open(cache, sha)
+    # a ModelProto given by the caller is not changed in place
+    cached = cache_mod.load_checked(store, model, in_place=path is not None) if store else None
+    model = cached if cached is not None else check_and_infer(model, where)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     g = model.graph
 
@@ -171,10 +167,29 @@ def load_model(source, max_bytes: int = DEFAULT_MAX_BYTES, output: str | None = 
     float_tensors = {v.name for v in list(g.value_info) + list(g.output) + list(g.input)
                      if v.type.tensor_type.elem_type in float_types}
     metadata = {p.key: p.value for p in model.metadata_props}
+    if store is not None and cached is None:      # a model refused above leaves no entry
+        cache_mod.save_checked(store, model)
     return ModelGraph(model=model, path=path, sha256=sha, opset=opset, input_name=inp.name,
                       input_shape=input_shape, output_name=output_name, score_name=score,
                       nodes=nodes, producer=producer, constants=constants, metadata=metadata,
                       float_tensors=float_tensors)
+
+
+def check_and_infer(model: onnx.ModelProto, where) -> onnx.ModelProto:
+    """``model`` after onnx.checker (ModelError unless it passes; a deprecated op version is
+    accepted) and shape inference (when it fails, the model as it is)."""
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        # an op version that a later opset replaced (GroupNormalization-18, whose scale is per
+        # group) is still valid ONNX that onnxruntime runs: only a deprecation is accepted
+        if not first.endswith(tuple(f"is deprecated in domain_version of {v}" for v in range(1, 100))):
+            raise ModelError(f"{where}: fails onnx.checker: {first}") from None
+    try:
+        return onnx.shape_inference.infer_shapes(model)
+    except Exception:
+        return model  # shapes come from the forward pass; inference only gives dtypes early
 
 
 def _score_tensor(nodes: list[RebuiltNode], producer: dict[str, int], output: str) -> str:

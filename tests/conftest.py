@@ -1,9 +1,12 @@
 """Shared fixtures: one export and one analysis per real model, reused by many tests."""
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +22,12 @@ import smallnets  # noqa: E402
 from exporters.torch_export import export  # noqa: E402
 
 torch.set_num_threads(int(os.environ.get("NAFLOW_TEST_THREADS", "1")))
+
+# the suite's model cache (naflow_onnx/cache.py) lives in a folder of its own, never in the home
+# (subprocesses of the CLI tests inherit it); removed when the session ends
+_CACHE_DIR = tempfile.mkdtemp(prefix="naflow-test-cache-")
+os.environ["NAFLOW_CACHE_DIR"] = _CACHE_DIR
+atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
 
 
 def package_dir(name: str) -> Path:

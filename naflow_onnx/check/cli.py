@@ -44,6 +44,7 @@ def _common(p: argparse.ArgumentParser, resume: bool = False) -> None:
     p.add_argument("--provider", default="auto", help="onnxruntime provider: auto, cpu, cuda")
     p.add_argument("--device", help="torch device of the rebuild (default: cuda if available)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the model cache")
     p.add_argument("--debug", action="store_true", help="tracebacks")
 
 
@@ -57,7 +58,7 @@ def options_from(args) -> CheckOptions:
     opts = CheckOptions(method=args.method, jobs=args.jobs, threads=args.threads,
                         provider=args.provider, device=args.device, backend=args.backend,
                         address=args.address, workers=args.workers, quiet=args.quiet,
-                        batch=args.batch)
+                        batch=args.batch, cache=not args.no_cache)
     opts.validate()
     return opts
 

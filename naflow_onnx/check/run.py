@@ -41,7 +41,8 @@ class CheckOptions:
     ``jobs`` local worker processes, or ``backend="ray"`` (``address``, ``workers``); ``threads``
     torch/onnxruntime threads per process; ``memo`` reuses this process's earlier analyses of
     the same model, image and settings; ``quiet``: no progress bar; ``batch``: images analysed
-    together (one batched forward, backward and solve; 1 = one by one)."""
+    together (one batched forward, backward and solve; 1 = one by one); ``cache``: read and
+    write the model cache (README "Cache")."""
 
     method: str | None = None
     jobs: int = 1
@@ -54,6 +55,7 @@ class CheckOptions:
     quiet: bool = True
     memo: bool = True
     batch: int = DEFAULT_BATCH
+    cache: bool = True
 
     def validate(self) -> None:
         from ..backends import check_backend_options, check_batch
@@ -91,13 +93,14 @@ class Spec:
     layers: str | None
     threads: int | None = None
     memo: bool = True
+    cache: bool = True
 
     def analyzer(self, model=None):
         from ..capture import Capture
         from ..flow import DEFAULT_DAMP, Analyzer
         a = Analyzer(model if model is not None else self.model, preprocess=self.preprocess,
                      damp=DEFAULT_DAMP if self.damp is None else self.damp,
-                     provider=self.provider, device=self.device)
+                     provider=self.provider, device=self.device, cache=self.cache)
         if self.threads:
             # onnxruntime's session takes every core by default; with --jobs that oversubscribes
             a.capture = Capture(a.graph.model, self.provider, threads=self.threads)
@@ -387,7 +390,7 @@ def _setup(model, config, opts: CheckOptions) -> Setup:
         raise NAFlowError(f"model not found: {model}")
     spec = Spec(model=str(model.resolve()), preprocess=cfg.preprocess, damp=cfg.damp,
                 provider=opts.provider, device=opts.device, method=cfg.method, layers=cfg.layers,
-                threads=opts.threads, memo=opts.memo)
+                threads=opts.threads, memo=opts.memo, cache=opts.cache)
     analyzer = spec.analyzer()
     size = tuple(analyzer.preprocess.size)
     labels = analyzer.labels

@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preprocess", help="preprocessing preset (default: model metadata)")
     p.add_argument("--threads", type=int, default=1, help="torch / onnxruntime threads per worker (default 1)")
     p.add_argument("--jobs", type=int, default=1, help="local worker processes (default 1)")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the model cache")
     p.add_argument("--backend", choices=BACKENDS, default="local")
     p.add_argument("--address", help="Ray cluster address (default: start a local instance)")
     p.add_argument("--workers", type=int, help="worker processes or Ray actors (default: the CPUs)")
@@ -92,7 +93,7 @@ def options_from(args) -> EvaluateOptions:
         randomise_images=args.randomise_images, randomise_steps=args.randomise_steps,
         randomise_seed=args.randomise_seed, preprocess=args.preprocess, threads=args.threads,
         jobs=args.jobs, backend=args.backend, address=args.address, workers=args.workers,
-        quiet=args.quiet, batch=args.batch)
+        quiet=args.quiet, batch=args.batch, cache=not args.no_cache)
 
 
 def _cmd_evaluate(args) -> int:

@@ -26,7 +26,8 @@ class EvaluateOptions:
     ``preprocess``. The metrics: deletion/insertion ``steps``; the randomisation test on the
     first ``randomise_images`` images at ``randomise_steps`` points of the cascade. Where it
     runs: ``threads`` per worker, ``jobs`` local processes or ``backend="ray"``; ``batch`` images
-    prepared and back-projected together (1 = one by one)."""
+    prepared and back-projected together (1 = one by one); ``cache``: read and write the model
+    cache (README "Cache")."""
 
     dataset: str = "synthetic"
     n: int | None = None
@@ -52,6 +53,7 @@ class EvaluateOptions:
     workers: int | None = None
     quiet: bool = True
     batch: int = DEFAULT_BATCH
+    cache: bool = True
 
 
 
@@ -118,7 +120,7 @@ def run(model, options: EvaluateOptions | None = None) -> "Evaluation":  # noqa:
     ks = cascade_steps(len(nodes), opts.randomise_steps) if opts.randomise_images else []
     cascade = [(k, nodes[k - 1][1]) for k in ks]
     analyzer_options = {"damp": damp, "tol": opts.tol, "max_iter": opts.max_iter,
-                        "preprocess": opts.preprocess}
+                        "preprocess": opts.preprocess, "cache": opts.cache}
     variants = variants_of(methods, damps)
     task = EvaluationTask(str(path), variants, analyzer_options, layers=opts.layers, steps=opts.steps,
                           randomise_images=min(opts.randomise_images, len(items)) if ks else 0,

@@ -130,7 +130,9 @@ class EvaluationTask(Task):
             proto = self.analyzer.graph.model
             for k in self.randomise_ks:
                 m, names = randomise_onnx(proto, k, self.randomise_seed)
-                self.randomised.append((k, names[-1], Analyzer(m, **self.analyzer_options)))
+                # a randomised copy is not the user's model: nothing of it goes to the cache
+                self.randomised.append((k, names[-1], Analyzer(m, **{**self.analyzer_options,
+                                                                     "cache": False})))
 
     # ---------------------------------------------------------------- per image
     def maps(self, analyzer, items) -> list[tuple[object, dict, dict]]:
