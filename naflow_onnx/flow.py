@@ -470,12 +470,7 @@ class Analyzer:
                                        ImageFrame.of(image, view, self.preprocess.resize))
         pl = self.plan_for(values, getattr(objective, "score_name", None),
                            getattr(objective, "dense", False))
-        chosen = _select_layers(pl.features, mg, layers)
-        if bpfm:
-            refused = refusals(mg, pl, set(chosen))
-            if refused:
-                raise UnsupportedOpError(f"{mg.path or 'model'}: no inverse rule on the data path "
-                                         f"for: {'; '.join(refused)}")
+        chosen = self._chosen(pl, layers, bpfm)
         scores = scores_of(values, mg.score_name).detach()
         t0 = time.perf_counter()
         target_rec = None
@@ -492,6 +487,18 @@ class Analyzer:
                      plan=pl, Lambda=lam, target=target_rec,
                      score_tensor=getattr(objective, "score_name", mg.score_name), parity=par,
                      timings=timings, layers=chosen, layer_spec=layers)
+
+    def _chosen(self, pl: Plan, layers: str | None, bpfm: bool) -> list[str]:
+        """The layers to map; with ``bpfm``, refused here when the walk back to them would
+        meet a node without an inverse rule (every such node named)."""
+        mg = self.graph
+        chosen = _select_layers(pl.features, mg, layers)
+        if bpfm:
+            refused = refusals(mg, pl, set(chosen))
+            if refused:
+                raise UnsupportedOpError(f"{mg.path or 'model'}: no inverse rule on the data path "
+                                         f"for: {'; '.join(refused)}")
+        return chosen
 
     def _class_record(self, scores: torch.Tensor, index: int) -> dict:
         def label(i):
@@ -651,30 +658,25 @@ class Analyzer:
         images = list(images)
         targets = _per_image("target", target, len(images))
         objectives = _per_image("objective", objective, len(images))
-        if (len(images) < 2 or any(o is not None for o in objectives) or self.opts.reference
-                or self.opts.conv_inverse != "lsq"):
+
+        def one_by_one():
             return [self.prepare(im, target=t, objective=o, layers=layers, bpfm=bpfm)
                     for im, t, o in zip(images, targets, objectives)]
+        if (len(images) < 2 or any(o is not None for o in objectives) or self.opts.reference
+                or self.opts.conv_inverse != "lsq"):
+            return one_by_one()
         loaded = [pp_mod.load_image(im, self.preprocess.size, self.max_image_pixels,
                                     self.preprocess.resize) for im in images]
         xs = [self.preprocess.to_input(view) for view, _ in loaded]
         batch = self._batched_forward(xs) if len({x.shape for x in xs}) == 1 else None
         if batch is None:
-            return [self.prepare(im, target=t, layers=layers, bpfm=bpfm)
-                    for im, t in zip(images, targets)]
+            return one_by_one()
         values, par, timings = batch
         mg, n = self.graph, len(images)
         pl = self.plan_for(values)
-        chosen = _select_layers(pl.features, mg, layers)
         if any(values[t].shape[0] != n for t in pl.data if isinstance(values.get(t), torch.Tensor)):
-            # a data tensor whose dim 0 is not the image: the graph reshapes its batch away
-            return [self.prepare(im, target=t, layers=layers, bpfm=bpfm)
-                    for im, t in zip(images, targets)]
-        if bpfm:
-            refused = refusals(mg, pl, set(chosen))
-            if refused:
-                raise UnsupportedOpError(f"{mg.path or 'model'}: no inverse rule on the data path "
-                                         f"for: {'; '.join(refused)}")
+            return one_by_one()   # a data tensor whose dim 0 is not the image
+        chosen = self._chosen(pl, layers, bpfm)
         scores = scores_of(values, mg.score_name).detach()
         t0 = time.perf_counter()
         index = [resolve_class(t, scores[b:b + 1], self.labels) for b, t in enumerate(targets)]
