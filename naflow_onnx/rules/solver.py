@@ -217,13 +217,19 @@ def cgls_images(J: LinearMap, delta: torch.Tensor, lam, tol: float, max_iter: in
     s = w.keep(live, (s,))[0] if not bool(live.all()) else s
     p = s.clone()
     gamma = _dot(s, s, w.rows, block_dims)
+    l2 = None
     for it in range(1, max_iter + 1):
         m, x, r = w.rows, w.x, w.r
+        if l2 is None or l2.shape[0] != m:           # this working set's damping, shaped once
+            l2 = lam2[w.idx.to(lam2.device)]
+            l2x = float(l2[0]) if n == 1 else _bcast(l2, x)
+            l2d = None
         q = w.J.matvec(p)
         denom = _dot(q, q, m, block_dims)
-        l2 = lam2[w.idx.to(lam2.device)]
         if damped:
-            denom = denom + _bcast(l2, denom) * _dot(p, p, m, block_dims)
+            if l2d is None:
+                l2d = _bcast(l2, denom)
+            denom = denom + l2d * _dot(p, p, m, block_dims)
         alpha = _ratio(gamma, denom)
         if w.frozen is not None:
             alpha = alpha * _bcast((~w.frozen).to(alpha), alpha)
@@ -233,15 +239,25 @@ def cgls_images(J: LinearMap, delta: torch.Tensor, lam, tol: float, max_iter: in
         if s.data_ptr() == r.data_ptr():   # a map that hands its argument back (a pure copy)
             s = s.clone()
         if damped:
-            s.sub_(x * _bcast(l2, x))
+            if n == 1:
+                s.sub_(x, alpha=l2x)
+            else:
+                s.addcmul_(x, l2x, value=-1.0)
         gamma_new = _dot(s, s, m, block_dims)
         c = _image_totals(gamma_new, m).double().sqrt().cpu() / w.ref
-        moving = torch.ones(m, dtype=torch.bool) if w.frozen is None else ~w.frozen
-        iters[w.idx[moving]] = it
-        conv[w.idx[moving]] = c[moving]
-        done = (c <= tol) | ~torch.isfinite(c) | ~moving   # converged, or broke down (NaN/inf)
-        if bool(done.all()):
-            break
+        if n == 1:
+            cv = float(c[0])
+            iters[0], conv[0] = it, cv
+            if cv <= tol or not math.isfinite(cv):   # converged, or broke down (NaN/inf)
+                break
+            done = None
+        else:
+            moving = torch.ones(m, dtype=torch.bool) if w.frozen is None else ~w.frozen
+            iters[w.idx[moving]] = it
+            conv[w.idx[moving]] = c[moving]
+            done = (c <= tol) | ~torch.isfinite(c) | ~moving   # converged, or broke down
+            if bool(done.all()):
+                break
         if block_dims is not None:
             # a block whose own residual is far below the image's tolerance has converged: its
             # steps stop (they would divide round-off by round-off and blow up)
@@ -249,7 +265,7 @@ def cgls_images(J: LinearMap, delta: torch.Tensor, lam, tol: float, max_iter: in
             gamma_new = torch.where(gamma_new <= floor, torch.zeros_like(gamma_new), gamma_new)
         p.mul_(_bcast(_ratio(gamma_new, gamma), p)).add_(s)
         gamma = gamma_new
-        if bool((done & moving).any()):
+        if done is not None and bool((done & moving).any()):
             s, p, gamma = w.keep(~done, (s, p, gamma))
     x_all, r_all = w.store()
     misfit = torch.where(dnorm > 0, image_norms(r_all, n).cpu() / torch.where(dnorm > 0, dnorm, 1.0),
