@@ -357,14 +357,17 @@ def test_check_on_ray_survives_a_killed_worker_node(cluster, dataset, local_repo
 
     # --resume: every flow is reused from the report folder's cache; then 20 are analysed again
     code2, again = run_check(dataset, out, "--resume")
-    assert again["backend"]["resumed"] == N_IMAGES and comparable(again) == comparable(lreport)
+    assert again["backend"]["resumed"] == N_IMAGES
+    assert_close(comparable(again), comparable(lreport))
     entries = sorted((out / ".naflow-cache").iterdir())
     assert len(entries) == N_IMAGES
     for e in entries[:20]:
         shutil.rmtree(e)
     code3, third = run_check(dataset, out, "--resume", "--backend", "ray", "--address",
                              cluster.address)
-    assert third["backend"]["resumed"] == N_IMAGES - 20 and comparable(third) == comparable(lreport)
+    # the 20 images analysed again form other batches than the local run's: last bits may move
+    assert third["backend"]["resumed"] == N_IMAGES - 20
+    assert_close(comparable(third), comparable(lreport))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -349,9 +349,15 @@ def solve_affine(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, y_
         if memo is not None:
             sigma = torch.full((n,), memo, dtype=torch.float64)
         else:
-            one = J.restrict(torch.tensor([0], device=x0.device)) if sigma_key is not None and n > 1 \
-                else None
-            if one is not None:      # the same map for every image: one power iteration
+            one = None
+            if sigma_key is not None and n > 1:
+                # the same map for every image: one power iteration on one image, the very
+                # computation a lone image makes (a memo or cache entry must not depend on the
+                # batch it was first computed in)
+                one = J.restrict(torch.tensor([0], device=x0.device))
+                if one is None and f is not None:
+                    one = LinearMap(f, x0[:1])
+            if one is not None:
                 sigma = spectral_norm(one, opts.power_iter).expand(n).clone()
             else:
                 sigma = spectral_norm(J, opts.power_iter, images=n)
