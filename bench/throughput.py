@@ -98,6 +98,9 @@ def worker(task: dict) -> dict:
     model, _ = registry.get_model(task["model"])
     model.eval().to(device)
     an = nf.Analyzer(task["path"], provider="cpu", device=device)
+    from naflow_onnx.capture import Capture
+    # onnxruntime's own pool (all cores, spinning) would add CPU time no torch thread spends
+    an.capture = Capture(an.graph.model, "cpu", threads=task.get("threads", 1))
     x = torch.from_numpy(an.preprocess.to_input(
         nf.preprocess.load_image(images[0], an.preprocess.size)[0])).to(device)
 

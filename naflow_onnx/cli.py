@@ -61,11 +61,12 @@ def add_backend_options(p: argparse.ArgumentParser, resume_help: str | None = No
     """--backend, --address, --workers, --batch (and --resume): naflow_onnx.backends,
     docs/ray.md. ``batch_help``: what the command batches beyond the default sentence."""
     g = p.add_argument_group("backend (docs/ray.md)")
-    from .backends import BACKENDS, DEFAULT_BATCH
+    from .backends import BACKENDS, DEFAULT_BATCH, GPU_BATCH
     g.add_argument("--batch", type=int, default=DEFAULT_BATCH,
                    help=f"images analysed together: one forward and backward pass and one batched "
-                        f"solve per batch (default {DEFAULT_BATCH}; 1 = one by one; results do not "
-                        f"depend on it beyond the solver tolerance){batch_help}")
+                        f"solve per batch (default {GPU_BATCH} when torch runs on a GPU, 1 on a "
+                        f"CPU, where batches do not pay; results do not depend on it beyond the "
+                        f"solver tolerance){batch_help}")
     g.add_argument("--backend", choices=BACKENDS, default="local",
                    help="local: this process (default); processes: worker processes on this "
                         "machine; ray: Ray actors; each worker loads the model once")
@@ -258,7 +259,7 @@ def _resume_keys(args, analyzer, names: list[str]) -> list[str]:
 
 
 def cmd_analyze(args) -> int:
-    from .backends import Failure, run_tasks
+    from .backends import Failure, resolve_batch, run_tasks
     from .io import check_output_dir, json_safe
     from .resume import RunState
     check_backend_args(args)
@@ -296,7 +297,7 @@ def cmd_analyze(args) -> int:
         else:
             results = run_tasks(task, items, backend=args.backend, address=args.address,
                                 workers=args.workers, progress=not quiet and len(items) > 1,
-                                desc="images", batch=args.batch)
+                                desc="images", batch=resolve_batch(args.batch, args.device))
         for j, result in results:
             i = todo[j]
             if isinstance(result, Failure):

@@ -146,3 +146,16 @@ def test_a_task_without_run_batch_is_batched_one_by_one(backend):
 def test_bad_batch_is_refused():
     with pytest.raises(NAFlowError, match="--batch must be >= 1, got 0"):
         run_tasks(Square(), [1], batch=0)
+
+
+def test_default_batch_is_for_gpus():
+    """--batch by default: 8 images where torch runs on a GPU, 1 on a CPU (where a batch ran at
+    0.76-1.05x the one-by-one rate, bench/results/throughput.json); as given otherwise."""
+    from naflow_onnx.backends import resolve_batch
+    assert resolve_batch(None, "cuda") == 8 and resolve_batch(None, "cuda:1") == 8
+    assert resolve_batch(None, "cpu") == 1
+    assert resolve_batch(3, "cpu") == 3 and resolve_batch(1, "cuda") == 1
+    import torch
+    assert resolve_batch(None) == (8 if torch.cuda.is_available() else 1)
+    with pytest.raises(NAFlowError, match="--batch must be >= 1, got 0"):
+        resolve_batch(0, "cuda")

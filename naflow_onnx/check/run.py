@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import testhooks
-from ..backends import DEFAULT_BATCH
+from ..backends import DEFAULT_BATCH, resolve_batch
 from ..errors import NAFlowError
 from ..methods import METHODS
 from . import checks as ck
@@ -54,7 +54,7 @@ class CheckOptions:
     workers: int | None = None
     quiet: bool = True
     memo: bool = True
-    batch: int = DEFAULT_BATCH
+    batch: int | None = DEFAULT_BATCH       # None: backends.resolve_batch
     cache: bool = True
 
     def validate(self) -> None:
@@ -681,7 +681,7 @@ def write_reports(out, report: dict, extras: dict, html_all: bool = False, state
 
 def _runner(st: Setup, opts: CheckOptions) -> Runner:
     return Runner(st.analyzer, st.spec, opts.jobs, backend=opts.backend, address=opts.address,
-                  workers=opts.workers, batch=opts.batch)
+                  workers=opts.workers, batch=resolve_batch(opts.batch, opts.device))
 
 
 # ------------------------------------------------------------------------------------------------

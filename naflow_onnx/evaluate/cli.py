@@ -35,7 +35,7 @@ def _floats(text: str) -> list[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..backends import BACKENDS, DEFAULT_BATCH
+    from ..backends import BACKENDS, DEFAULT_BATCH, GPU_BATCH
     from ..rules.solver import DEFAULT_DAMP
 
     p = argparse.ArgumentParser(prog="naflow evaluate", description=(
@@ -75,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address (default: start a local instance)")
     p.add_argument("--workers", type=int, help="worker processes or Ray actors (default: the CPUs)")
     p.add_argument("--batch", type=int, default=DEFAULT_BATCH,
-                   help=f"images prepared and back-projected together (default {DEFAULT_BATCH}; "
-                        "1 = one by one; scores do not depend on it beyond the solver tolerance)")
+                   help=f"images prepared and back-projected together (default {GPU_BATCH} when "
+                        "torch runs on a GPU, 1 on a CPU; scores do not depend on it beyond the "
+                        "solver tolerance)")
     p.add_argument("--json", action="store_true", help="print evaluation.json's summary as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show tracebacks")

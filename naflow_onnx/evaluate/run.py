@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..backends import DEFAULT_BATCH
+from ..backends import DEFAULT_BATCH, resolve_batch
 from ..errors import NAFlowError
 from ..methods import METHODS
 
@@ -52,7 +52,7 @@ class EvaluateOptions:
     address: str | None = None
     workers: int | None = None
     quiet: bool = True
-    batch: int = DEFAULT_BATCH
+    batch: int | None = DEFAULT_BATCH       # None: backends.resolve_batch
     cache: bool = True
 
 
@@ -77,7 +77,8 @@ def _iterate(task, items, opts):
     if backend == "local" and opts.jobs > 1:
         backend, workers = "processes", opts.jobs
     with run_tasks(task, items, backend=backend, address=opts.address, workers=workers,
-                   progress=not opts.quiet, desc="evaluate", batch=opts.batch) as results:
+                   progress=not opts.quiet, desc="evaluate",
+                   batch=resolve_batch(opts.batch)) as results:
         yield from results
 
 
