@@ -68,9 +68,11 @@ class Capture:
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
 
-    def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
+    def run(self, x: np.ndarray, names: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Every node output by name, or only ``names`` (onnxruntime then computes what they
+        need and hands back only them)."""
         try:
-            outs = self.session.run(None, {self.input_name: x})
+            outs = self.session.run(names, {self.input_name: x})
         except Exception as exc:
             raise NAFlowError(f"onnxruntime failed on this input: {_first_line(exc)}") from None
-        return dict(zip(self.output_names, outs))
+        return dict(zip(names or self.output_names, outs))

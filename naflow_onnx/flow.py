@@ -272,18 +272,20 @@ class _MapTaker:
         for t, b in done.items():
             if b is None or not b.numel():
                 continue
-            rows = b.reshape(self.images, -1) if b.shape[0] == self.images else b.reshape(1, -1)
-            lo, hi = torch.aminmax(rows, dim=1)
-            for i in (~(torch.isfinite(lo) & torch.isfinite(hi))).nonzero().flatten().tolist():
-                self.nonfinite[i if rows.shape[0] == self.images else 0].append(t)
+            for i in _nonfinite_rows(b, self.images if b.shape[0] == self.images else 1):
+                self.nonfinite[i].append(t)
             if t in self.layers:
                 for m, maps in self.maps.items():
                     maps[t] = layer_map(m, self.env[t], self.lam[t], b)
 
 
-def _finite(t: torch.Tensor) -> bool:
-    """No NaN or inf in ``t`` (two reductions; ``isfinite(t).all()`` costs 20× more on CPU)."""
-    return t.numel() == 0 or all(bool(torch.isfinite(v)) for v in torch.aminmax(t))
+def _nonfinite_rows(t: torch.Tensor, images: int = 1) -> list[int]:
+    """The images (rows of dim 0; the whole tensor for one image) holding NaN or inf: two
+    reductions per row (``isfinite(t).all()`` costs 20× more on CPU)."""
+    if not t.numel():
+        return []
+    lo, hi = torch.aminmax(t.reshape(images, -1), dim=1)
+    return (~(torch.isfinite(lo) & torch.isfinite(hi))).nonzero().flatten().tolist()
 
 
 @dataclass
@@ -304,7 +306,7 @@ class BPFMResult:
         """Why the result must not become a map: a diverged solve (seen at t = 0.01 on
         MobileNetV2: an unconverged CGLS left non-finite values), else None."""
         bad = list(self.nonfinite or []) + [t for t, b in self.bpfm.items()
-                                            if b is not None and not _finite(b)]
+                                            if b is not None and _nonfinite_rows(b)]
         if not bad:
             return None
         return (f"the back-projection diverged at damping t = {self.damp:g}: {len(bad)} tensors "
@@ -427,7 +429,7 @@ class Analyzer:
         name = self._need_embedding()
         view, _ = pp_mod.load_image(image, self.preprocess.size, self.max_image_pixels,
                                        self.preprocess.resize)
-        captured = self.capture.run(self.preprocess.to_input(view))
+        captured = self.capture.run(self.preprocess.to_input(view), [name])
         return np.asarray(captured[name], np.float64).reshape(-1)
 
     def similarity_objective(self, against, description: str = "reference", **details):
@@ -634,17 +636,11 @@ class Analyzer:
                 layers: str | None = None, objective=None, progress=None,
                 keep_tensors: bool = False) -> Flow:
         """The composition of the stages: ``prepare``, ``backproject`` (when ``method`` or
-        ``compare`` needs it; a diverged solve raises), ``flow``."""
-        for m in filter(None, (method, compare)):
-            _check_methods(m)
-        needs_bpfm = method in NEEDS_BPFM or compare in NEEDS_BPFM
-        point = self.prepare(image, target=target, objective=objective, layers=layers,
-                             bpfm=needs_bpfm)
-        bpfm = None
-        if needs_bpfm:
-            stream = () if keep_tensors else tuple(filter(None, (method, compare)))
-            bpfm = self.backproject(point, progress=progress, stream=stream).check()
-        return self.flow(point, method, bpfm, compare=compare, keep_tensors=keep_tensors)
+        ``compare`` needs it; a diverged solve raises), ``flow`` (``analyze_many`` of one
+        image)."""
+        return self.analyze_many([image], target=[target], method=method, compare=compare,
+                                 layers=layers, objective=[objective], batch=1, progress=progress,
+                                 keep_tensors=keep_tensors)[0]
 
     def prepare_many(self, images, target=None, objective=None, layers: str | None = None,
                      bpfm: bool = True) -> list[Point]:
@@ -706,7 +702,7 @@ class Analyzer:
             values, par, timings = self.forward(x)
         except Exception:   # noqa: BLE001 - onnxruntime or the rebuild refused the batch
             return None
-        first = self.capture.run(xs[0])[self.graph.score_name]
+        first = self.capture.run(xs[0], [self.graph.score_name])[self.graph.score_name]
         got = values[self.graph.score_name][:1].detach().float().cpu().numpy()
         if got.shape != first.shape or not np.allclose(got, first, rtol=1e-3,
                                                        atol=1e-4 * float(np.abs(first).max() + 1)):
@@ -737,12 +733,13 @@ class Analyzer:
         for m in filter(None, (method, compare)):
             _check_methods(m)
         needs_bpfm = method in NEEDS_BPFM or compare in NEEDS_BPFM
+        # without tensors kept, the maps are taken as the walk goes back and the BPFMs dropped
+        stream = () if keep_tensors else tuple(filter(None, (method, compare)))
         flows = []
         for at in range(0, len(images), batch):
             part = slice(at, at + batch)
             points = self.prepare_many(images[part], target=targets[part],
                                        objective=objectives[part], layers=layers, bpfm=needs_bpfm)
-            stream = () if keep_tensors else tuple(filter(None, (method, compare)))
             results = self.backproject_many(points, progress=progress, stream=stream) \
                 if needs_bpfm else [None] * len(points)
             for point, res in zip(points, results):
@@ -751,6 +748,7 @@ class Analyzer:
             for point in points:          # the batch's tensors go with its last flow
                 point.batch = None
         return flows
+
 
 def _per_image(what: str, value, n: int) -> list:
     """One value for every image, or a list with one per image."""

@@ -145,7 +145,7 @@ def analyse_many(analyzer, spec: Spec, pairs: list[tuple[Path, object]]) -> list
     """The flows of several (image, target) pairs, memoised in this process unless
     ``spec.memo`` is off (same model file content, image content, settings and target give the
     same maps: the engine is deterministic). The images not in the memo are analysed together
-    (``Analyzer.analyze_many``; one alone is ``Analyzer.analyze``)."""
+    (``Analyzer.analyze_many``)."""
     use = spec.memo
     keys = [_memo_key(analyzer, spec, image, target) if use else None for image, target in pairs]
     flows = [_MEMO.get(key) if use else None for key in keys]
@@ -153,18 +153,10 @@ def analyse_many(analyzer, spec: Spec, pairs: list[tuple[Path, object]]) -> list
         if flow is not None:
             _MEMO.move_to_end(key)
     todo = [j for j, flow in enumerate(flows) if flow is None]
-    if len(todo) == 1:
-        image, target = pairs[todo[0]]
-        new = [analyzer.analyze(image, method=spec.method, layers=spec.layers,
-                                **_target_args(target))]
-    elif todo:
-        args = [_target_args(pairs[j][1]) for j in todo]
-        new = analyzer.analyze_many([pairs[j][0] for j in todo],
-                                    target=[a["target"] for a in args],
-                                    objective=[a["objective"] for a in args],
-                                    method=spec.method, layers=spec.layers, batch=len(todo))
-    else:
-        new = []
+    args = [_target_args(pairs[j][1]) for j in todo]
+    new = analyzer.analyze_many([pairs[j][0] for j in todo], target=[a["target"] for a in args],
+                                objective=[a["objective"] for a in args], method=spec.method,
+                                layers=spec.layers, batch=max(1, len(todo)))
     for j, flow in zip(todo, new):
         flow.tensors = None
         flows[j] = flow

@@ -139,18 +139,14 @@ class EvaluationTask(Task):
         """Per item: the analysed point and ``{variant: {tensor: map}}`` (None where the
         back-projection diverged) plus the solver summary per naflow variant. Several items are
         prepared together (``prepare_many``) and back-projected together at each naflow damping
-        (``backproject_many``); one item alone takes the one-image stages."""
-        if len(items) == 1:
-            points = [analyzer.prepare(items[0].image, target=items[0].target, layers=self.layers)]
-        else:
-            points = analyzer.prepare_many([it.image for it in items],
-                                           target=[it.target for it in items], layers=self.layers)
+        (``backproject_many``)."""
+        points = analyzer.prepare_many([it.image for it in items],
+                                       target=[it.target for it in items], layers=self.layers)
         done = [(point, {}, {}) for point in points]
         for v in self.variants:
             bpfms = [None] * len(points)
             if v.method == "naflow":
-                bpfms = [analyzer.backproject(points[0], damp=v.damp)] if len(points) == 1 else \
-                    analyzer.backproject_many(points, damp=v.damp)
+                bpfms = analyzer.backproject_many(points, damp=v.damp)
             for (point, out, solver), bpfm in zip(done, bpfms):
                 if bpfm is not None:
                     solver[v.name] = bpfm.solver_summary()

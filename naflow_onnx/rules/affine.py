@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ..errors import UnsupportedOpError
 from . import InverseRule, RuleContext
-from .solver import (LinearMap, SolveRecord, damped_pinv_factors, image_norms, per_image,
+from .solver import (LinearMap, SolveRecord, damped_pinv_factors, image_norms, per_image, ratio,
                      solve_affine)
 
 
@@ -131,8 +131,7 @@ def pointwise_conv_inverse(x0, w, y_target, y0, damp: float, cache: dict | None 
         res.add_(dx, alpha=lam * lam)
     ref = image_norms(torch.matmul(W.T, delta), n)
     dnorm = image_norms(delta, n)
-    conv = torch.where(ref > 0, image_norms(res, n) / torch.where(ref > 0, ref, 1.0), 0.0)
-    misfit = torch.where(dnorm > 0, image_norms(misfit_v, n) / torch.where(dnorm > 0, dnorm, 1.0), 0.0)
+    conv, misfit = ratio(image_norms(res, n), ref), ratio(image_norms(misfit_v, n), dnorm)
     rec = SolveRecord(kind="closed-form", iterations=0, convergence=per_image(conv.tolist(), n),
                       misfit=per_image(misfit.tolist(), n), damp=damp, sigma=s_max)
     x_hat = x0.to(P.dtype) + dx.reshape(n, -1, h, wd)

@@ -171,7 +171,7 @@ def _dot(a: torch.Tensor, b: torch.Tensor, images: int, dims) -> torch.Tensor:
     return (a * b).sum(dim=dims, keepdim=True)
 
 
-def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+def ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     """num / den, 0 where den == 0 (a block that has converged exactly, or has nothing to do)."""
     return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)),
                        torch.zeros_like(num))
@@ -210,8 +210,7 @@ def cgls_images(J: LinearMap, delta: torch.Tensor, lam, tol: float, max_iter: in
     live = ref > 0
     if not bool(live.any()):
         return x_all, iters, conv, torch.where(dnorm > 0, 1.0, 0.0).double()
-    lam2 = [float(v) for v in lam * lam]
-    lam2 = torch.tensor(lam2, dtype=J.x0.dtype, device=J.x0.device)
+    lam2 = (lam * lam).to(dtype=J.x0.dtype, device=J.x0.device)
     damped = bool((lam2 != 0).any())
     w = _Working(J, x_all, r_all, n, ref)
     s = w.keep(live, (s,))[0] if not bool(live.all()) else s
@@ -230,7 +229,7 @@ def cgls_images(J: LinearMap, delta: torch.Tensor, lam, tol: float, max_iter: in
             if l2d is None:
                 l2d = _bcast(l2, denom)
             denom = denom + l2d * _dot(p, p, m, block_dims)
-        alpha = _ratio(gamma, denom)
+        alpha = ratio(gamma, denom)
         if w.frozen is not None:
             alpha = alpha * _bcast((~w.frozen).to(alpha), alpha)
         x.addcmul_(_bcast(alpha, x), p)
@@ -263,14 +262,12 @@ def cgls_images(J: LinearMap, delta: torch.Tensor, lam, tol: float, max_iter: in
             # steps stop (they would divide round-off by round-off and blow up)
             floor = _bcast(((0.01 * tol) * w.ref).pow(2).to(gamma_new), gamma_new)
             gamma_new = torch.where(gamma_new <= floor, torch.zeros_like(gamma_new), gamma_new)
-        p.mul_(_bcast(_ratio(gamma_new, gamma), p)).add_(s)
+        p.mul_(_bcast(ratio(gamma_new, gamma), p)).add_(s)
         gamma = gamma_new
         if done is not None and bool((done & moving).any()):
             s, p, gamma = w.keep(~done, (s, p, gamma))
     x_all, r_all = w.store()
-    misfit = torch.where(dnorm > 0, image_norms(r_all, n).cpu() / torch.where(dnorm > 0, dnorm, 1.0),
-                         torch.zeros_like(dnorm))
-    return x_all, iters, conv, misfit
+    return x_all, iters, conv, ratio(image_norms(r_all, n).cpu(), dnorm)
 
 
 class _Working:
